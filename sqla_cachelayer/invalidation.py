@@ -1,0 +1,354 @@
+"""The invalidation protocol: table stamps and a sequence, kept in the backend.
+
+Every region's backend holds, beside the cached entries:
+
+* ``seq``: a counter that only grows. A commit that wrote tables ``W`` bumps
+  it, *after* the database COMMIT returned and *before* ``commit()`` returns
+  to the caller: ``s = max(seq + 1, now_in_microseconds)``;
+* ``stamp[t]`` for each table ``t``: set to ``max(stamp[t], s)`` by that same
+  bump, atomically with it.
+
+A reader that will fill an entry reads ``seq`` (call it ``B``) *before* its
+database snapshot starts, and stores ``B`` in the entry. An entry is served
+only while every table it read has ``stamp[t] <= B``: a commit to ``t`` that
+``B`` did not cover has ``stamp[t] > B``. Why this closes the races:
+
+* a commit that returned before the reader started bumped ``seq`` and
+  ``stamp[t]`` before returning; either ``B`` already covers it (so the
+  snapshot, taken after ``B`` was read, includes it) or ``stamp[t] > B``;
+* a slow filler's entry is tagged with its old ``B`` and is refused as soon as
+  any of its tables moved past ``B`` -- whenever it lands;
+* a missing stamp (evicted, flushed, a fresh backend) counts as *invalid*; it
+  is recreated only with ``add`` (set if absent) at the current ``seq``, which
+  is at least every earlier bump;
+* a missing ``seq`` restarts at the wall clock in microseconds, above every
+  value handed out before (as long as fewer than a million commits a second
+  were counted, and clocks are not set back).
+
+``invalidate_all`` is a bump of the pseudo-table ``*all*`` that every entry
+lists among its tables; textual SQL whose tables cannot be told reads
+``*any*``, which every bump moves.
+
+Implementations differ only in where the counters live and how the bump is
+made atomic:
+
+=========================  ===========================================================
+:class:`LocalStampStore`   per-process backends (``dogpile.cache.memory``): a dict and
+                           a lock in this process
+:class:`CounterStampStore` this project's backends, which offer atomic counter methods
+                           (``sqla_cachelayer.memory``, ``sqla_cachelayer.sqlite``)
+:class:`RedisStampStore`   dogpile's Redis backends: one ``MGET`` per lookup, one Lua
+                           script per bump
+:class:`MutexStampStore`   any other backend: counters stored as entries, the bump
+                           made under the backend's mutex (atomic across processes
+                           only where the backend's mutex is distributed)
+=========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from dogpile.cache.api import NO_VALUE, CachedValue
+from dogpile.cache.region import CacheRegion
+
+__all__ = [
+    "ALL_TABLES",
+    "ANY_TABLE",
+    "CounterStampStore",
+    "Lookup",
+    "MutexStampStore",
+    "RedisStampStore",
+    "StampStore",
+    "store_for_region",
+]
+
+#: pseudo-table bumped by ``invalidate_all()``; every entry lists it
+ALL_TABLES = "*all*"
+#: pseudo-table bumped by every write; read by entries whose tables are unknown
+ANY_TABLE = "*any*"
+
+
+def _floor() -> int:
+    return time.time_ns() // 1000
+
+
+class Lookup(NamedTuple):
+    """What one read of the backend returns."""
+
+    payload: bytes | None
+    seq: int | None
+    stamps: list[int | None]
+
+
+class StampStore(ABC):
+    """Entries plus the counters of the protocol, for one region's backend."""
+
+    def __init__(self, region: CacheRegion, namespace: str) -> None:
+        self.region = region
+        self.namespace = namespace
+        self.seq_key = self.mangle(f"{namespace}:seq")
+        self._stamp_keys: dict[str, str] = {}
+        backend = region.backend
+        self._backend = backend
+        self._serialized = bool(region.serializer)
+
+    def mangle(self, key: str) -> str:
+        mangler = self.region.key_mangler
+        return mangler(key) if mangler else key
+
+    def stamp_key(self, table: str) -> str:
+        key = self._stamp_keys.get(table)
+        if key is None:
+            key = self.mangle(f"{self.namespace}:t:{table}")
+            if len(self._stamp_keys) < 100_000:
+                self._stamp_keys[table] = key
+        return key
+
+    # entries ---------------------------------------------------------------
+    def _decode_entry(self, raw: Any) -> bytes | None:
+        if raw is NO_VALUE or raw is None:
+            return None
+        if isinstance(raw, CachedValue):
+            raw = raw.payload
+        return raw if isinstance(raw, bytes) else None
+
+    def read_entry(self, key: str) -> bytes | None:
+        if self._serialized:
+            return self._decode_entry(self._backend.get_serialized(key))
+        return self._decode_entry(self._backend.get(key))
+
+    def write_entry(self, key: str, payload: bytes) -> None:
+        if self._serialized:
+            self._backend.set_serialized(key, payload)
+        else:
+            self._backend.set(key, CachedValue(payload, {"ct": time.time(), "v": 2}))
+
+    def delete_entry(self, key: str) -> None:
+        self._backend.delete(key)
+
+    def mutex(self, key: str) -> Any:
+        """The per-key single-flight lock (dogpile's: distributed where configured)."""
+        return self.region._mutex(key)
+
+    # protocol ----------------------------------------------------------------
+    @abstractmethod
+    def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
+        """Read an entry (if a key is given), ``seq`` and the tables' stamps."""
+
+    @abstractmethod
+    def bump(self, tables: Sequence[str]) -> int:
+        """Atomically move ``seq`` and the tables' stamps past every earlier value."""
+
+    @abstractmethod
+    def ensure(self, tables: Sequence[str], value: int) -> None:
+        """Create the missing stamps at ``value``; never overwrite one."""
+
+
+class LocalStampStore(StampStore):
+    """Counters in this process, for backends that are themselves per-process."""
+
+    def __init__(self, region: CacheRegion, namespace: str) -> None:
+        super().__init__(region, namespace)
+        # guards _counters for bumps and adds; reads are single dict lookups
+        self._lock = threading.Lock()
+        self._counters: dict[str, int] = {}
+
+    def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
+        counters = self._counters
+        seq = counters.get(self.seq_key)
+        if seq is None:
+            with self._lock:
+                seq = counters.setdefault(self.seq_key, _floor())
+        get = counters.get
+        stamps = [get(self.stamp_key(t)) for t in tables]
+        payload = self.read_entry(entry_key) if entry_key is not None else None
+        return Lookup(payload, seq, stamps)
+
+    def bump(self, tables: Sequence[str]) -> int:
+        keys = [self.stamp_key(t) for t in tables]
+        with self._lock:
+            counters = self._counters
+            s = max(counters.get(self.seq_key, 0) + 1, _floor())
+            counters[self.seq_key] = s
+            for key in keys:
+                if counters.get(key, 0) < s:
+                    counters[key] = s
+        return s
+
+    def ensure(self, tables: Sequence[str], value: int) -> None:
+        with self._lock:
+            for t in tables:
+                self._counters.setdefault(self.stamp_key(t), value)
+
+
+class CounterStampStore(StampStore):
+    """This project's backends, which keep never-evicted atomic counters."""
+
+    def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
+        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        if entry_key is None:
+            counters = self._backend.read_counters(keys)
+            payload = None
+        else:
+            raw, counters = self._backend.get_with_counters(entry_key, keys)
+            payload = self._decode_entry(raw)
+        return Lookup(payload, counters[0], list(counters[1:]))
+
+    def bump(self, tables: Sequence[str]) -> int:
+        keys = [self.stamp_key(t) for t in tables]
+        return int(self._backend.bump_counters(self.seq_key, keys, _floor()))
+
+    def ensure(self, tables: Sequence[str], value: int) -> None:
+        self._backend.add_counters([self.stamp_key(t) for t in tables], value)
+
+
+_BUMP_LUA = """
+local s = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[1])
+if s < floor then
+  redis.call('SET', KEYS[1], floor)
+  s = floor
+end
+for i = 2, #KEYS do
+  local v = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  if v < s then redis.call('SET', KEYS[i], s) end
+end
+return s
+"""
+
+
+def _int_or_none(raw: Any) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+class RedisStampStore(StampStore):
+    """dogpile's Redis backends: counters are plain Redis integers.
+
+    A lookup is one ``MGET`` of the entry, ``seq`` and the stamps; a bump is one
+    Lua script, atomic on the server.
+    """
+
+    def __init__(self, region: CacheRegion, namespace: str) -> None:
+        super().__init__(region, namespace)
+        actual = region.actual_backend
+        self._writer = getattr(actual, "writer_client", None) or actual.client
+        self._reader = getattr(actual, "reader_client", None) or self._writer
+        self._script = self._writer.register_script(_BUMP_LUA)
+
+    def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
+        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        if entry_key is not None:
+            keys.append(entry_key)
+        values = self._reader.mget(keys)
+        payload = None
+        if entry_key is not None:
+            raw = values.pop()
+            payload = raw if isinstance(raw, bytes) else None
+        return Lookup(payload, _int_or_none(values[0]), [_int_or_none(v) for v in values[1:]])
+
+    def bump(self, tables: Sequence[str]) -> int:
+        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        return int(self._script(keys=keys, args=[_floor()]))
+
+    def ensure(self, tables: Sequence[str], value: int) -> None:
+        pipe = self._writer.pipeline(transaction=False)
+        for t in tables:
+            pipe.set(self.stamp_key(t), value, nx=True)
+        pipe.execute()
+
+
+class MutexStampStore(StampStore):
+    """Any other dogpile backend: counters stored as entries of their own.
+
+    The read-modify-write of a bump runs under the backend's mutex for the
+    ``seq`` key. For a backend shared between processes this is atomic only if
+    that mutex is distributed (dogpile's ``distributed_lock`` for memcached);
+    the layer logs a warning at configuration otherwise.
+    """
+
+    def __init__(self, region: CacheRegion, namespace: str) -> None:
+        super().__init__(region, namespace)
+        self._local_lock = threading.Lock()  # used when the backend has no mutex
+
+    def _read_counter(self, raw: Any) -> int | None:
+        payload = self._decode_entry(raw)
+        return _int_or_none(payload)
+
+    def _get_multi(self, keys: list[str]) -> list[Any]:
+        if self._serialized:
+            return list(self._backend.get_serialized_multi(keys))
+        return list(self._backend.get_multi(keys))
+
+    def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
+        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        if entry_key is not None:
+            keys.append(entry_key)
+        values = self._get_multi(keys)
+        payload = self._decode_entry(values.pop()) if entry_key is not None else None
+        counters = [self._read_counter(v) for v in values]
+        return Lookup(payload, counters[0], counters[1:])
+
+    def _write_counter(self, key: str, value: int) -> None:
+        self.write_entry(key, b"%d" % value)
+
+    def _locked(self) -> Any:
+        mutex = self._backend.get_mutex(self.seq_key)
+        return mutex if mutex is not None else self._local_lock
+
+    def bump(self, tables: Sequence[str]) -> int:
+        keys = [self.stamp_key(t) for t in tables]
+        lock = self._locked()
+        lock.acquire()
+        try:
+            current = self._get_multi([self.seq_key, *keys])
+            seq = self._read_counter(current[0]) or 0
+            s = max(seq + 1, _floor())
+            self._write_counter(self.seq_key, s)
+            for key, raw in zip(keys, current[1:], strict=True):
+                if (self._read_counter(raw) or 0) < s:
+                    self._write_counter(key, s)
+            return s
+        finally:
+            lock.release()
+
+    def ensure(self, tables: Sequence[str], value: int) -> None:
+        keys = [self.stamp_key(t) for t in tables]
+        lock = self._locked()
+        lock.acquire()
+        try:
+            current = self._get_multi(keys)
+            for key, raw in zip(keys, current, strict=True):
+                if self._read_counter(raw) is None:
+                    self._write_counter(key, value)
+        finally:
+            lock.release()
+
+
+_PER_PROCESS_BACKENDS = ("MemoryBackend", "MemoryPickleBackend", "NullBackend")
+
+
+def store_for_region(region: CacheRegion, namespace: str) -> StampStore:
+    """Pick the implementation that makes the protocol atomic for this backend."""
+    actual = region.actual_backend
+    if hasattr(actual, "bump_counters") and hasattr(actual, "get_with_counters"):
+        # proxies may wrap the data methods, but counters live on the real backend
+        store: StampStore = CounterStampStore(region, namespace)
+        store._backend = actual if region.backend is not actual else region.backend
+        return store
+    cls_name = type(actual).__name__
+    module = type(actual).__module__
+    if module.startswith("dogpile.cache.backends.memory") and cls_name in _PER_PROCESS_BACKENDS:
+        return LocalStampStore(region, namespace)
+    if module.startswith("dogpile.cache.backends.redis") and hasattr(actual, "writer_client"):
+        return RedisStampStore(region, namespace)
+    return MutexStampStore(region, namespace)

@@ -1,0 +1,225 @@
+"""Cache keys: which entry answers a statement.
+
+A key is ``<namespace>:<region>:q:<40 hex digits>``, bounded in length
+whatever the query. The digest covers:
+
+* the statement's *structure*: SQLAlchemy's own ``CacheKey.key`` tuple, which
+  already includes loader options and every construct of the statement, encoded
+  into a stable string once per structure per process (memoized, so the hit
+  path never renders SQL);
+* every bound value: the values extracted from the statement
+  (``CacheKey.bindparams``), the values given with ``.params()`` (SQLAlchemy
+  2.1 keeps them in ``CacheKey.params``, outside the rendered SQL), and the
+  parameters given at execute time;
+* the database: the engine URL (password hidden) and the
+  ``schema_translate_map`` in effect;
+* the ORM execution options that change which objects come back
+  (``identity_token``).
+
+An explicit ``cache_key=`` hint replaces the structure and bound values, as in
+SQLAlchemy's dogpile_caching example; the database identity still applies.
+
+Values that cannot be encoded stably (neither a well-known scalar type nor
+picklable) make the query uncacheable: it runs against the database instead of
+risking two different values sharing a key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import hashlib
+import itertools
+import os
+import pickle
+import threading
+import uuid
+import weakref
+from collections.abc import Mapping
+from typing import Any, Final, Generic, TypeVar
+
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.selectable import TableClause
+
+__all__ = ["Uncacheable", "database_identity", "query_key"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Uncacheable(Exception):
+    """The statement or one of its values has no stable key."""
+
+
+class BoundedMemo(Generic[K, V]):
+    """A dict that never grows past ``maxsize`` (oldest entries go first).
+
+    Lock-free on purpose: single ``dict`` operations are atomic under the GIL,
+    and losing a memo entry under a race only costs a recomputation.
+    """
+
+    __slots__ = ("_data", "maxsize")
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize <= 0:
+            raise ValueError("maxsize must be positive")
+        self.maxsize = maxsize
+        self._data: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        return self._data.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        data = self._data
+        if len(data) >= self.maxsize:
+            try:
+                del data[next(iter(data))]
+            except (StopIteration, RuntimeError, KeyError):
+                pass  # another thread changed the dict meanwhile; bound still holds loosely
+        data[key] = value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+# Objects with no stable encoding get a label unique to this process and this
+# memo entry, so they can never collide with another object's label.
+_PROCESS_NONCE: Final = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+_local_labels = itertools.count()
+
+_SCALARS = (str, int, float, bool, type(None), bytes)
+
+
+def _encode_structure(obj: Any, out: list[str]) -> None:
+    t = type(obj)
+    if t is tuple or t is list:
+        out.append("(")
+        for item in obj:
+            _encode_structure(item, out)
+        out.append(")")
+    elif t in _SCALARS:
+        out.append(f"{t.__name__}:{obj!r},")
+    elif isinstance(obj, type):
+        out.append(f"cls:{obj.__module__}.{obj.__qualname__},")
+    elif isinstance(obj, TableClause):
+        out.append(f"table:{obj.fullname if hasattr(obj, 'fullname') else obj.name},")
+    elif isinstance(obj, Mapper):
+        cls = obj.class_
+        out.append(f"mapper:{cls.__module__}.{cls.__qualname__},")
+    elif isinstance(obj, ColumnClause):
+        table = obj.table
+        tname = getattr(table, "fullname", getattr(table, "name", "")) if table is not None else ""
+        out.append(f"column:{tname}.{obj.name},")
+    elif isinstance(obj, enum.Enum):
+        out.append(f"enum:{t.__module__}.{t.__qualname__}.{obj.name},")
+    elif callable(obj) and hasattr(obj, "__qualname__") and "<" not in obj.__qualname__:
+        out.append(f"fn:{getattr(obj, '__module__', '')}.{obj.__qualname__},")
+    elif isinstance(obj, (frozenset, set)):
+        out.append("{")
+        for item in sorted(map(repr, obj)):
+            out.append(item)
+        out.append("}")
+    else:
+        out.append(f"local:{_PROCESS_NONCE}:{next(_local_labels)},")
+
+
+def _encode_value(value: Any, out: list[bytes]) -> None:
+    t = type(value)
+    if t in _SCALARS or t in (
+        decimal.Decimal,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        uuid.UUID,
+    ):
+        out.append(f"{t.__name__}:{value!r}|".encode())
+    elif t is tuple or t is list:
+        out.append(b"(")
+        for item in value:
+            _encode_value(item, out)
+        out.append(b")")
+    elif isinstance(value, enum.Enum):
+        out.append(f"enum:{t.__module__}.{t.__qualname__}.{value.name}|".encode())
+    else:
+        try:
+            out.append(b"p:" + pickle.dumps(value, protocol=5) + b"|")
+        except Exception as err:
+            raise Uncacheable(f"bound value of type {t.__name__} cannot be keyed") from err
+
+
+class StructureDigests:
+    """Stable digests of statement structures, memoized per process."""
+
+    def __init__(self, maxsize: int = 2000) -> None:
+        self._memo: BoundedMemo[Any, bytes] = BoundedMemo(maxsize)
+
+    def digest(self, structure: tuple[Any, ...]) -> bytes:
+        found = self._memo.get(structure)
+        if found is None:
+            out: list[str] = []
+            _encode_structure(structure, out)
+            found = hashlib.blake2b("".join(out).encode(), digest_size=20).digest()
+            self._memo.put(structure, found)
+        return found
+
+
+_db_identities: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+_db_identities_lock = threading.Lock()  # guards _db_identities (a WeakKeyDictionary is not atomic)
+
+
+def database_identity(bind: Engine | Connection, schema_translate_map: Any = None) -> str:
+    """The part of a key that names the database: URL (no password) and schema map."""
+    engine = bind.engine
+    ident = _db_identities.get(engine)
+    if ident is None:
+        url: URL = engine.url
+        ident = url.render_as_string(hide_password=True)
+        with _db_identities_lock:
+            _db_identities[engine] = ident
+    if schema_translate_map:
+        ident += "|" + repr(sorted(schema_translate_map.items(), key=repr))
+    return ident
+
+
+def query_key(
+    prefix: str,
+    structure_digest: bytes,
+    bind_values: list[Any],
+    params: Mapping[str, Any] | None,
+    exec_params: Any,
+    db_identity: str,
+    extra: str = "",
+) -> str:
+    """Hash everything that selects an entry into a bounded-length key."""
+    out: list[bytes] = [structure_digest, db_identity.encode(), extra.encode(), b"#"]
+    for value in bind_values:
+        _encode_value(value, out)
+    if params:
+        out.append(b"#p")
+        for name in sorted(params):
+            out.append(name.encode() + b"=")
+            _encode_value(params[name], out)
+    if exec_params:
+        out.append(b"#e")
+        if isinstance(exec_params, Mapping):
+            for name in sorted(exec_params):
+                out.append(str(name).encode() + b"=")
+                _encode_value(exec_params[name], out)
+        else:
+            _encode_value(list(exec_params), out)
+    return prefix + hashlib.blake2b(b"".join(out), digest_size=20).hexdigest()
+
+
+def explicit_key(prefix: str, cache_key: str, db_identity: str) -> str:
+    """The key for a ``cache_key=`` hint: the caller's string, scoped to the database."""
+    digest = hashlib.blake2b(
+        cache_key.encode() + b"#" + db_identity.encode(), digest_size=20
+    ).hexdigest()
+    return prefix + "k:" + digest

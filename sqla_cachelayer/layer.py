@@ -1,0 +1,731 @@
+"""The cache layer: regions, the session hooks, invalidation and statistics.
+
+:class:`CacheLayer` owns a set of dogpile regions and the state of the
+invalidation protocol (see :mod:`sqla_cachelayer.invalidation`). Installing it
+on a session factory hooks three session events -- all in
+:meth:`CacheLayer._listen`, with their ``event.remove`` twins beside them -- and
+watches the engines those sessions use (:mod:`sqla_cachelayer.tracking`).
+
+Concurrency: one layer is shared by every thread and session.
+
+* ``_RegionState.lock`` guards a region's breaker and pending invalidations; it
+  is never held across backend I/O.
+* :class:`~sqla_cachelayer.stats.Stats` has its own lock, held per increment.
+* The memos (statement digests, tables read, result metadata) are bounded,
+  lock-free dicts: a lost race only recomputes.
+* The only lock held across I/O is the per-key single-flight mutex of a miss
+  (dogpile's, distributed where the backend offers one): later misses of the
+  same key wait there for the first one's query (G6).
+* Per-session state lives in ``session.info``; per-transaction write sets live
+  on the DBAPI connection (``connection.info``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from dogpile.cache.region import CacheRegion
+from sqlalchemy import Table, event, inspect
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
+from sqlalchemy.orm import loading as _orm_loading
+from sqlalchemy.util.concurrency import in_greenlet
+
+from . import keys as _keys
+from .exc import ConfigurationError
+from .invalidation import ALL_TABLES, ANY_TABLE, Lookup, StampStore, store_for_region
+from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache
+from .records import NotRecordable, dump_record, load_record, record_from_frozen
+from .records import result_from_record as _result_from_record
+from .settings import EMBEDDED_BACKEND, RegionSettings, build_region, parse_settings
+from .stats import Stats
+from .tracking import collecting, collecting_now, unwatch_engine, watch_engine, written_on
+
+__all__ = ["CacheLayer"]
+
+log = logging.getLogger("sqla_cachelayer")
+
+T = TypeVar("T")
+
+_SHADOW = "_sqla_cachelayer_shadow"
+_NO_HINT = object()
+
+
+class _RegionState:
+    """One region and the protocol state this process keeps for it."""
+
+    def __init__(self, name: str, region: CacheRegion, namespace: str, index: int) -> None:
+        self.name = name
+        self.region = region
+        self.index = index
+        self.store: StampStore = store_for_region(region, f"{namespace}:{name}")
+        self.prefix = f"{namespace}:{name}:"
+        self.expiration_time: float | None = region.expiration_time or None
+        # lock guards: pending, down_until (never held across I/O)
+        self.lock = threading.Lock()
+        # tables whose invalidation could not be written; replayed before trust
+        self.pending: set[str] = set()
+        self.down_until = 0.0
+        # highest seq this process has read: a lower bound for snapshot starts
+        self.last_seen = 0
+
+
+class _Hint:
+    __slots__ = ("cache_key", "expiration_time", "ignore_expiration", "region")
+
+    def __init__(
+        self,
+        region: _RegionState,
+        expiration_time: float | None,
+        cache_key: str | None,
+        ignore_expiration: bool,
+    ) -> None:
+        self.region = region
+        self.expiration_time = expiration_time
+        self.cache_key = cache_key
+        self.ignore_expiration = ignore_expiration
+
+
+class CacheLayer:
+    """A query-result cache for SQLAlchemy ORM sessions.
+
+    Build it from an application's flat settings, install it on the session
+    factory, and mark queries with :class:`~sqla_cachelayer.FromCache` (or set a
+    ``cache_region`` execution option, or ``cache_all``)::
+
+        layer = CacheLayer.from_settings({
+            "cachelayer.regions.default.backend": "dogpile.cache.memory",
+            "cachelayer.regions.default.expiration_time": "300",
+        })
+        Session = layer.install(sessionmaker(engine))
+
+        with Session() as session:
+            session.scalars(select(User).options(FromCache())).all()
+
+    Or programmatically, from ready dogpile regions::
+
+        region = make_region().configure("dogpile.cache.memory")
+        layer = CacheLayer({"default": region})
+
+    With ``regions=None`` a ``default`` region on the bounded in-process backend
+    (``sqla_cachelayer.memory``) is created.
+
+    Cached results are invalidated by table when a commit that wrote those
+    tables returns (see ``docs/invalidation.md`` for the protocol and its
+    guarantees); ``expiration_time`` only bounds how long an entry lives.
+    """
+
+    def __init__(
+        self,
+        regions: Mapping[str, CacheRegion] | None = None,
+        *,
+        default_region: str = "default",
+        cache_all: bool = False,
+        namespace: str = "scl",
+        breaker_reset_seconds: float = 5.0,
+        metadata_memo_size: int = 2000,
+    ) -> None:
+        if regions is None:
+            regions = {"default": build_region(RegionSettings(name="default", backend=EMBEDDED_BACKEND))}
+        if not regions:
+            raise ConfigurationError("regions: at least one region is required", key="regions", value=regions)
+        if default_region not in regions:
+            raise ConfigurationError(
+                f"default_region: region {default_region!r} is not configured "
+                f"(configured: {', '.join(sorted(regions))})",
+                key="default_region",
+                value=default_region,
+            )
+        for name, region in regions.items():
+            if not isinstance(region, CacheRegion):
+                raise ConfigurationError(
+                    f"regions[{name!r}]: expected a dogpile CacheRegion, got {region!r}",
+                    key=f"regions.{name}",
+                    value=region,
+                )
+            if "backend" not in region.__dict__:
+                raise ConfigurationError(
+                    f"regions[{name!r}]: the region is not configured (call .configure())",
+                    key=f"regions.{name}",
+                    value=region,
+                )
+        self.default_region = default_region
+        self.cache_all = bool(cache_all)
+        self.namespace = namespace
+        self.breaker_reset_seconds = float(breaker_reset_seconds)
+        self._states = {
+            name: _RegionState(name, region, namespace, i)
+            for i, (name, region) in enumerate(regions.items())
+        }
+        self._state_list = list(self._states.values())
+        self.regions: Mapping[str, CacheRegion] = {n: s.region for n, s in self._states.items()}
+        self._stats = Stats()
+        self._digests = _keys.StructureDigests()
+        # statement digest -> tables its result read (as recorded on a miss)
+        self._tables: _keys.BoundedMemo[bytes, tuple[str, ...]] = _keys.BoundedMemo(10_000)
+        # statement digest -> full result metadata (pickling drops lookup extras)
+        self._metadata: _keys.BoundedMemo[bytes, Any] = _keys.BoundedMemo(metadata_memo_size)
+        # install state; guarded by _install_lock
+        self._install_lock = threading.Lock()
+        self._installed: dict[int, Any] = {}
+        self._engines: dict[int, Engine] = {}
+        self._begin_key = f"_sqla_cachelayer_begin_{id(self)}"
+
+    # ------------------------------------------------------------------
+    # construction from settings
+
+    @classmethod
+    def from_settings(
+        cls, settings: Mapping[str, Any], prefix: str = "cachelayer.", **kwargs: Any
+    ) -> CacheLayer:
+        """Build a layer from a flat settings mapping (keys in ``docs/settings.md``).
+
+        ::
+
+            layer = CacheLayer.from_settings({
+                "cachelayer.regions.default.backend": "sqla_cachelayer.sqlite",
+                "cachelayer.regions.default.arguments.path": "/var/cache/app/cache.db",
+                "cachelayer.regions.default.expiration_time": "600",
+                "cachelayer.cache_all": "true",
+            })
+
+        Raises :class:`~sqla_cachelayer.ConfigurationError` naming the key and
+        the value for anything it cannot use.
+        """
+        parsed = parse_settings(settings, prefix)
+        regions = {name: build_region(spec, prefix) for name, spec in parsed.regions.items()}
+        options: dict[str, Any] = {
+            "default_region": parsed.default_region,
+            "cache_all": parsed.cache_all,
+            "namespace": parsed.namespace,
+            "breaker_reset_seconds": parsed.breaker_reset_seconds,
+        }
+        options.update(kwargs)
+        return cls(regions, **options)
+
+    # ------------------------------------------------------------------
+    # install / uninstall
+
+    def install(self, target: T) -> T:
+        """Hook the layer into sessions made by ``target``; returns ``target``.
+
+        ``target`` is a ``sessionmaker``, a ``Session`` subclass, a
+        ``scoped_session``, a ``Session``, an ``async_sessionmaker`` or an
+        ``AsyncSession``; an ``Engine`` is accepted too, to watch Core writes on
+        an engine no installed session uses. Installing twice is harmless.
+        """
+        if isinstance(target, Engine):
+            self._watch(target)
+            return target
+        events_target = self._events_target(target)
+        with self._install_lock:
+            if id(events_target) in self._installed:
+                return target
+            self._listen(events_target)
+            self._installed[id(events_target)] = events_target
+        for bind in self._binds_of(target):
+            self._watch(bind)
+        return target
+
+    def uninstall(self, target: Any) -> None:
+        """Undo :meth:`install` for ``target``."""
+        if isinstance(target, Engine):
+            unwatch_engine(target, id(self))
+            return
+        events_target = self._events_target(target)
+        with self._install_lock:
+            if self._installed.pop(id(events_target), None) is None:
+                return
+            self._unlisten(events_target)
+
+    def _listen(self, target: Any) -> None:
+        event.listen(target, "do_orm_execute", self._do_orm_execute, retval=True)
+        event.listen(target, "after_begin", self._after_begin)
+
+    def _unlisten(self, target: Any) -> None:
+        event.remove(target, "do_orm_execute", self._do_orm_execute)
+        event.remove(target, "after_begin", self._after_begin)
+
+    @staticmethod
+    def _events_target(target: Any) -> Any:
+        if isinstance(target, scoped_session):
+            return CacheLayer._events_target(target.session_factory)
+        if isinstance(target, sessionmaker):
+            return target.class_
+        if isinstance(target, async_sessionmaker):
+            sync_class = target.kw.get("sync_session_class", Session)
+            if sync_class is Session:
+                # give this factory a class of its own rather than hooking every Session
+                sync_class = type("CachedSession", (Session,), {})
+                target.kw["sync_session_class"] = sync_class
+            return sync_class
+        if isinstance(target, AsyncSession):
+            return target.sync_session
+        if isinstance(target, Session) or (isinstance(target, type) and issubclass(target, Session)):
+            return target
+        raise TypeError(
+            "install() takes a sessionmaker, Session subclass, scoped_session, Session, "
+            f"async_sessionmaker, AsyncSession or Engine; got {target!r}"
+        )
+
+    @staticmethod
+    def _binds_of(target: Any) -> list[Engine]:
+        found: list[Any] = []
+        if isinstance(target, scoped_session):
+            target = target.session_factory
+        if isinstance(target, (sessionmaker, async_sessionmaker)):
+            found.append(target.kw.get("bind"))
+            found.extend((target.kw.get("binds") or {}).values())
+        elif isinstance(target, AsyncSession):
+            found.append(target.sync_session.bind)
+        elif isinstance(target, Session):
+            found.append(target.bind)
+        engines = []
+        for bind in found:
+            bind = getattr(bind, "sync_engine", bind)
+            if isinstance(bind, (Engine, Connection)):
+                engines.append(bind.engine)
+        return engines
+
+    def _watch(self, engine: Engine) -> None:
+        engine = engine.engine
+        if id(engine) in self._engines:
+            return
+        with self._install_lock:
+            self._engines[id(engine)] = engine
+        watch_engine(engine, id(self), self._committed)
+
+    # ------------------------------------------------------------------
+    # public operations
+
+    def stats(self) -> dict[str, int]:
+        """Counters since creation: ``hits``, ``misses``, ``stores``, ``bypasses``,
+        ``invalidations``, ``errors`` and a few more (see ``docs/metrics.md``)."""
+        return self._stats.snapshot()
+
+    def invalidate(self, *targets: Any) -> None:
+        """Make every cached result that read these tables unreachable.
+
+        ``targets`` are mapped classes, ``Table`` objects or table names::
+
+            layer.invalidate(User, "audit_log")
+
+        The stamps live in the backend, so every process sharing it is affected.
+        """
+        names: set[str] = set()
+        for target in targets:
+            names.update(self._table_names(target))
+        if names:
+            self._bump(frozenset(names))
+
+    def invalidate_all(self) -> None:
+        """Make every cached result of this layer unreachable, in every process."""
+        self._bump(frozenset((ALL_TABLES,)))
+
+    @staticmethod
+    def _table_names(target: Any) -> list[str]:
+        from .tracking import table_name, written_names
+
+        if isinstance(target, str):
+            return [target.rsplit(".", 1)[-1].strip('"').lower()]
+        if isinstance(target, Table):
+            return list(written_names(target))
+        try:
+            mapper = inspect(target).mapper
+        except Exception:
+            raise TypeError(f"invalidate() takes mapped classes, Tables or names; got {target!r}") from None
+        return [table_name(t) for t in mapper.tables]
+
+    # ------------------------------------------------------------------
+    # invalidation
+
+    def _committed(self, tables: frozenset[str]) -> None:
+        self._bump(tables)
+
+    def _bump(self, tables: frozenset[str]) -> None:
+        names = sorted(tables | {ANY_TABLE})
+        self._stats.incr("invalidations")
+        for rs in self._state_list:
+            with rs.lock:
+                if rs.pending or time.monotonic() < rs.down_until:
+                    # keep order: earlier failed bumps first; one replay carries all
+                    rs.pending.update(names)
+                    continue
+            try:
+                seq = rs.store.bump(names)
+            except Exception as err:
+                self._backend_error(rs, "invalidate", err)
+                with rs.lock:
+                    rs.pending.update(names)
+            else:
+                if seq > rs.last_seen:
+                    rs.last_seen = seq
+
+    def _usable(self, rs: _RegionState) -> bool:
+        """May this region be read now? Replays failed invalidations first (G5)."""
+        if rs.down_until and time.monotonic() < rs.down_until:
+            return False
+        if not rs.pending:
+            return True
+        with rs.lock:
+            names = sorted(rs.pending)
+        try:
+            seq = rs.store.bump(names)
+        except Exception as err:
+            self._backend_error(rs, "replay", err)
+            return False
+        with rs.lock:
+            rs.pending.difference_update(names)
+            done = not rs.pending
+        if seq > rs.last_seen:
+            rs.last_seen = seq
+        self._stats.incr("replays")
+        log.warning("sqla_cachelayer: region %r is back; replayed %d invalidations", rs.name, len(names))
+        return done
+
+    def _backend_error(self, rs: _RegionState, what: str, err: BaseException) -> None:
+        self._stats.incr("errors")
+        with rs.lock:
+            was_down = time.monotonic() < rs.down_until
+            rs.down_until = time.monotonic() + self.breaker_reset_seconds
+        if not was_down:
+            self._stats.incr("breaker_opened")
+            log.warning(
+                "sqla_cachelayer: region %r failed during %s (%s: %s); bypassing it for %.1fs",
+                rs.name,
+                what,
+                type(err).__name__,
+                err,
+                self.breaker_reset_seconds,
+            )
+
+    # ------------------------------------------------------------------
+    # session hooks
+
+    def _after_begin(self, session: Session, transaction: Any, connection: Connection) -> None:
+        self._watch(connection.engine)
+        root = session.get_transaction()
+        info = session.info
+        marker = info.get(self._begin_key)
+        if marker is None or marker[0] is not root:
+            # the snapshot this transaction reads starts after this point, so
+            # anything read before now is a safe lower bound for it
+            info[self._begin_key] = (root, [rs.last_seen for rs in self._state_list])
+
+    def _hint(self, orm_context: ORMExecuteState) -> _Hint | None:
+        found: Any = None
+        for opt in orm_context.user_defined_options:
+            if isinstance(opt, NoCache):
+                return None
+            if isinstance(opt, FromCache):
+                found = opt
+            elif isinstance(opt, RelationshipCache) and found is None:
+                rel = opt.for_load(orm_context)
+                if rel is not None:
+                    found = rel
+        exec_opts = orm_context.execution_options
+        if found is not None:
+            name = found.region
+            expiration = found.expiration_time
+            if expiration is None:
+                expiration = exec_opts.get("cache_expiration_time")
+            cache_key = found.cache_key
+            ignore = getattr(found, "ignore_expiration", False)
+        else:
+            name = exec_opts.get("cache_region", _NO_HINT)
+            if name is None:
+                return None
+            if name is _NO_HINT:
+                if not self.cache_all:
+                    return None
+                name = self.default_region
+            expiration = exec_opts.get("cache_expiration_time")
+            cache_key = None
+            ignore = False
+        if name == DEFAULT_REGION and DEFAULT_REGION not in self._states:
+            name = self.default_region
+        rs = self._states.get(name)
+        if rs is None:
+            # a hint naming a region this layer does not have: not our query
+            # (several layers may share a session); never an error at query time
+            return None
+        if expiration is not None:
+            expiration = float(expiration)
+        return _Hint(rs, expiration, cache_key, ignore)
+
+    def _session_written(self, session: Session) -> set[str] | None:
+        tx = session.get_transaction()
+        if tx is None:
+            return None
+        written: set[str] | None = None
+        for entry in tx._connections.values():
+            found = written_on(entry[0])
+            if found:
+                written = set(found) if written is None else written | found
+        return written
+
+    def _snapshot_seq(self, session: Session, rs: _RegionState, bind: Any, fresh_seq: int) -> int:
+        tx = session.get_transaction()
+        conn = None
+        if tx is not None:
+            for entry in tx._connections.values():
+                conn = entry[0]
+                break
+        if conn is None:
+            return fresh_seq  # the query's snapshot starts after this read
+        if conn.dialect.name == "postgresql":
+            level = conn._execution_options.get("isolation_level") or getattr(
+                conn.dialect, "default_isolation_level", None
+            )
+            if level in ("READ COMMITTED", "AUTOCOMMIT", "READ UNCOMMITTED"):
+                return fresh_seq  # every statement takes a new snapshot
+        marker = session.info.get(self._begin_key)
+        if marker is not None and marker[0] is tx:
+            seq: int = marker[1][rs.index]
+            return seq
+        return 0
+
+    def _do_orm_execute(self, orm_context: ORMExecuteState) -> Any:
+        if not orm_context.is_select or collecting_now():
+            # DML is tracked on the engine; eager loads inside a miss are
+            # recorded with their parent query
+            return None
+        session = orm_context.session
+        if session.info.get(_SHADOW):
+            return None
+        hint = self._hint(orm_context)
+        if hint is None:
+            return None
+        stats = self._stats
+        exec_opts = orm_context.execution_options
+        statement = orm_context.statement
+        if (
+            orm_context.is_column_load
+            or exec_opts.get("populate_existing")
+            or exec_opts.get("yield_per")
+            or exec_opts.get("stream_results")
+            or getattr(statement, "_for_update_arg", None) is not None
+        ):
+            stats.incr("bypasses")
+            return None
+        rs = hint.region
+        if not self._usable(rs):
+            stats.incr("bypasses")
+            return None
+
+        # a hit must leave the session as a miss would: autoflush first
+        if orm_context.load_options._autoflush:
+            session._autoflush()
+
+        try:
+            bind = session.get_bind(**orm_context.bind_arguments)
+            db = _keys.database_identity(bind, exec_opts.get("schema_translate_map"))
+            if hint.cache_key is not None:
+                digest = b"k:" + hint.cache_key.encode()
+                key = _keys.explicit_key(rs.prefix, hint.cache_key, db)
+            else:
+                ck = statement._generate_cache_key()
+                if ck is None:
+                    stats.incr("bypasses")
+                    return None
+                digest = self._digests.digest(ck.key)
+                key = _keys.query_key(
+                    rs.prefix + "q:",
+                    digest,
+                    [bp.effective_value for bp in ck.bindparams],
+                    ck.params,
+                    orm_context.parameters,
+                    db,
+                    str(exec_opts.get("identity_token", "")),
+                )
+        except _keys.Uncacheable:
+            stats.incr("bypasses")
+            return None
+
+        written = self._session_written(session)
+        tables = self._tables.get(digest)
+        if written and (tables is None or ANY_TABLE in tables or not written.isdisjoint(tables)):
+            # G2: this transaction wrote what the query reads
+            stats.incr("bypasses")
+            return None
+
+        now = time.time()
+        try:
+            found = rs.store.lookup(key, tables if tables is not None else (ALL_TABLES,))
+            result = self._try_hit(orm_context, rs, hint, digest, found, tables, now)
+        except Exception as err:
+            self._backend_error(rs, "lookup", err)
+            stats.incr("bypasses")
+            return None
+        if result is not None:
+            stats.incr("hits")
+            return result
+        return self._miss(orm_context, rs, hint, key, digest, bind, found, written)
+
+    def _valid(self, record: Any, lookup: Lookup, hint: _Hint, rs: _RegionState, now: float) -> bool:
+        bound = record.seq
+        for stamp in lookup.stamps:
+            if stamp is None or stamp > bound:
+                return False
+        if not hint.ignore_expiration:
+            expiration = hint.expiration_time if hint.expiration_time is not None else rs.expiration_time
+            if expiration is not None and expiration >= 0 and now - record.created > expiration:
+                return False
+        return True
+
+    def _try_hit(
+        self,
+        orm_context: ORMExecuteState,
+        rs: _RegionState,
+        hint: _Hint,
+        digest: bytes,
+        found: Lookup,
+        tables: tuple[str, ...] | None,
+        now: float,
+    ) -> Any:
+        if found.seq is not None and found.seq > rs.last_seen:
+            rs.last_seen = found.seq
+        if found.payload is None:
+            return None
+        try:
+            record = load_record(found.payload)
+        except Exception:
+            self._stats.incr("stale")
+            return None
+        if tables != record.tables:
+            # first sight of this statement in this process: read its stamps
+            found = rs.store.lookup(None, record.tables)
+            self._tables.put(digest, record.tables)
+        if not self._valid(record, found, hint, rs, now):
+            self._stats.incr("stale")
+            return None
+        metadata = self._metadata.get(digest) or record.metadata
+        load_options = tuple(
+            opt for opt in orm_context.statement._with_options if opt.propagate_to_loaders
+        )
+        return _result_from_record(orm_context.session, record, metadata, load_options)
+
+    def _miss(
+        self,
+        orm_context: ORMExecuteState,
+        rs: _RegionState,
+        hint: _Hint,
+        key: str,
+        digest: bytes,
+        bind: Any,
+        found: Lookup,
+        written: set[str] | None,
+    ) -> Any:
+        stats = self._stats
+        session = orm_context.session
+        mutex = None
+        try:
+            candidate = rs.store.mutex(key)
+            # dogpile's mutex is a threading lock: inside an event loop's greenlet
+            # a blocking wait would stall the loop, so there it is only tried
+            if candidate.acquire(not in_greenlet()):
+                mutex = candidate
+        except Exception as err:
+            self._backend_error(rs, "lock", err)
+            stats.incr("bypasses")
+            return None
+        try:
+            if mutex is not None:
+                # another caller may have filled the key while we waited (G6)
+                try:
+                    tables = self._tables.get(digest)
+                    again = rs.store.lookup(key, tables if tables is not None else (ALL_TABLES,))
+                    hit = self._try_hit(orm_context, rs, hint, digest, again, tables, time.time())
+                except Exception as err:
+                    self._backend_error(rs, "lookup", err)
+                    stats.incr("bypasses")
+                    return None
+                if hit is not None:
+                    stats.incr("hits")
+                    return hit
+                found = again
+            stats.incr("misses")
+            seq_now = found.seq
+            if seq_now is None:
+                try:
+                    seq_now = rs.store.bump(())  # (re)create seq; moves no stamp
+                except Exception as err:
+                    self._backend_error(rs, "lookup", err)
+                    return None
+            snapshot_seq = self._snapshot_seq(session, rs, bind, seq_now)
+            marker = _orm_loading._new_runid()
+            with collecting() as collector:
+                frozen = orm_context.invoke_statement().freeze()
+            self._store(
+                orm_context, rs, key, digest, frozen, marker, snapshot_seq, seq_now, collector, written
+            )
+            return frozen()
+        finally:
+            if mutex is not None:
+                self._release(mutex)
+
+    def _release(self, mutex: Any) -> None:
+        try:
+            mutex.release()
+        except Exception:  # a distributed lock that expired: nothing to undo
+            log.debug("sqla_cachelayer: releasing a cache lock failed", exc_info=True)
+
+    def _store(
+        self,
+        orm_context: ORMExecuteState,
+        rs: _RegionState,
+        key: str,
+        digest: bytes,
+        frozen: Any,
+        marker: int,
+        snapshot_seq: int,
+        seq_now: int,
+        collector: Any,
+        written: set[str] | None,
+    ) -> None:
+        stats = self._stats
+        if collector.wrote:
+            stats.incr("not_stored")
+            return
+        tables = tuple(sorted(collector.tables | {ALL_TABLES}))
+        written = self._session_written(orm_context.session)
+        if written and (ANY_TABLE in tables or not written.isdisjoint(tables)):
+            stats.incr("not_stored")
+            return
+        try:
+            record = record_from_frozen(frozen, marker, snapshot_seq, tables)
+            payload = dump_record(record)
+        except (NotRecordable, Exception) as err:
+            log.debug("sqla_cachelayer: result not recordable: %s", err)
+            stats.incr("not_stored")
+            return
+        self._metadata.put(digest, frozen.metadata)
+        try:
+            current = rs.store.lookup(None, tables)
+            missing = [t for t, s in zip(tables, current.stamps, strict=True) if s is None]
+            if missing:
+                rs.store.ensure(missing, seq_now)
+                current = rs.store.lookup(None, tables)
+            if any(s is None or s > snapshot_seq for s in current.stamps):
+                # a commit the snapshot may not include touched these tables
+                stats.incr("not_stored")
+                return
+            rs.store.write_entry(key, payload)
+        except Exception as err:
+            self._backend_error(rs, "store", err)
+            return
+        self._tables.put(digest, tables)
+        stats.incr("stores")
+
+    # ------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<CacheLayer regions={sorted(self._states)} default={self.default_region!r}>"
+
+
+def _iter_regions(regions: Mapping[str, CacheRegion] | Iterable[tuple[str, CacheRegion]]) -> Any:
+    return regions.items() if isinstance(regions, Mapping) else regions

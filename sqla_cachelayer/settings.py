@@ -1,0 +1,211 @@
+"""Reading the layer's flat settings (Pyramid/Flask/ini style), in one place.
+
+Every value may arrive as a string; each is coerced here and a bad one raises
+:class:`~sqla_cachelayer.exc.ConfigurationError` naming the key and the value,
+at configuration time. Keys under the prefix that the layer does not know are
+refused too: a typo must not silently turn caching off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dogpile.cache import make_region
+from dogpile.cache.region import CacheRegion, _backend_loader
+
+from .exc import ConfigurationError
+
+__all__ = ["LayerSettings", "RegionSettings", "build_region", "parse_settings"]
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0", ""}
+
+#: backend used when no region is configured at all: bounded, in-process
+EMBEDDED_BACKEND = "sqla_cachelayer.memory"
+
+_REGION_KEYS = {"backend", "expiration_time"}
+_LAYER_KEYS = {
+    "default_region",
+    "cache_all",
+    "namespace",
+    "breaker_reset_seconds",
+}
+
+
+def coerce_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"{key}: expected true or false, got {value!r}", key=key, value=value
+    )
+
+
+def coerce_seconds(key: str, value: Any, *, allow_none: bool = True) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        if allow_none:
+            return None
+        raise ConfigurationError(f"{key}: a number of seconds is required", key=key, value=value)
+    if isinstance(value, bool):
+        raise ConfigurationError(
+            f"{key}: expected a number of seconds, got {value!r}", key=key, value=value
+        )
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"{key}: expected a number of seconds, got {value!r}", key=key, value=value
+        ) from None
+    if number != number or number < 0 or number == float("inf"):
+        raise ConfigurationError(
+            f"{key}: expected a non-negative, finite number of seconds, got {value!r}",
+            key=key,
+            value=value,
+        )
+    return number
+
+
+def check_backend(key: str, name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"{key}: a backend name is required, got {name!r}", key=key, value=name)
+    name = name.strip()
+    # make sure this project's backends are registered before looking them up
+    from . import backends  # noqa: F401
+
+    try:
+        _backend_loader.load(name)
+    except Exception as err:
+        raise ConfigurationError(
+            f"{key}: unknown cache backend {name!r} ({err})", key=key, value=name
+        ) from None
+    return name
+
+
+@dataclass
+class RegionSettings:
+    name: str
+    backend: str = EMBEDDED_BACKEND
+    expiration_time: float | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    backend_key: str = ""
+
+
+@dataclass
+class LayerSettings:
+    regions: dict[str, RegionSettings]
+    default_region: str = "default"
+    cache_all: bool = False
+    namespace: str = "scl"
+    breaker_reset_seconds: float = 5.0
+
+
+def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> LayerSettings:
+    """Validate and coerce every ``<prefix>*`` key of a flat settings mapping."""
+    regions: dict[str, RegionSettings] = {}
+    layer: dict[str, Any] = {}
+    region_prefix = prefix + "regions."
+    for full_key, value in settings.items():
+        if not isinstance(full_key, str) or not full_key.startswith(prefix):
+            continue
+        rest = full_key[len(prefix) :]
+        if full_key.startswith(region_prefix):
+            parts = full_key[len(region_prefix) :].split(".", 2)
+            if len(parts) < 2 or not parts[0]:
+                raise ConfigurationError(
+                    f"{full_key}: expected {region_prefix}<name>.<option>", key=full_key, value=value
+                )
+            name, option = parts[0], parts[1]
+            region = regions.setdefault(name, RegionSettings(name=name))
+            if option == "arguments":
+                if len(parts) != 3 or not parts[2]:
+                    raise ConfigurationError(
+                        f"{full_key}: expected {region_prefix}{name}.arguments.<argument>",
+                        key=full_key,
+                        value=value,
+                    )
+                region.arguments[parts[2]] = value
+            elif option == "backend" and len(parts) == 2:
+                region.backend = check_backend(full_key, value)
+                region.backend_key = full_key
+            elif option == "expiration_time" and len(parts) == 2:
+                region.expiration_time = coerce_seconds(full_key, value)
+            else:
+                raise ConfigurationError(
+                    f"{full_key}: unknown region setting {option!r} "
+                    f"(known: backend, expiration_time, arguments.<name>)",
+                    key=full_key,
+                    value=value,
+                )
+        elif rest in _LAYER_KEYS:
+            layer[rest] = (full_key, value)
+        else:
+            raise ConfigurationError(
+                f"{full_key}: unknown setting (known: {prefix}regions.<name>.*, "
+                + ", ".join(prefix + k for k in sorted(_LAYER_KEYS))
+                + ")",
+                key=full_key,
+                value=value,
+            )
+    if not regions:
+        regions["default"] = RegionSettings(name="default")
+    result = LayerSettings(regions=regions)
+    if "default_region" in layer:
+        key, value = layer["default_region"]
+        name = str(value).strip()
+        if name not in regions:
+            raise ConfigurationError(
+                f"{key}: region {value!r} is not configured "
+                f"(configured: {', '.join(sorted(regions))})",
+                key=key,
+                value=value,
+            )
+        result.default_region = name
+    if "cache_all" in layer:
+        result.cache_all = coerce_bool(*layer["cache_all"])
+    if "namespace" in layer:
+        key, value = layer["namespace"]
+        text = str(value).strip()
+        if not text or any(c.isspace() for c in text):
+            raise ConfigurationError(f"{key}: expected a word, got {value!r}", key=key, value=value)
+        result.namespace = text
+    if "breaker_reset_seconds" in layer:
+        seconds = coerce_seconds(*layer["breaker_reset_seconds"], allow_none=False)
+        assert seconds is not None
+        result.breaker_reset_seconds = seconds
+    return result
+
+
+#: socket timeouts given to Redis regions unless configured: dogpile's defaults
+#: take 3-5 s to fail a call on a dead server and about a minute on a hung one
+REDIS_TIMEOUT_DEFAULTS = {"socket_timeout": 0.25, "socket_connect_timeout": 0.25}
+
+
+def build_region(spec: RegionSettings, prefix: str = "cachelayer.") -> CacheRegion:
+    """A configured dogpile region for one :class:`RegionSettings`."""
+    arguments = dict(spec.arguments)
+    if spec.backend.startswith("dogpile.cache.redis"):
+        for name, default in REDIS_TIMEOUT_DEFAULTS.items():
+            arguments.setdefault(name, default)
+    config: dict[str, Any] = {"r.backend": spec.backend}
+    if spec.expiration_time is not None:
+        config["r.expiration_time"] = spec.expiration_time
+    for name, value in arguments.items():
+        config[f"r.arguments.{name}"] = value
+    try:
+        return make_region(name=spec.name).configure_from_config(config, "r.")
+    except ConfigurationError:
+        raise
+    except Exception as err:
+        key = f"{prefix}regions.{spec.name}.arguments"
+        raise ConfigurationError(
+            f"{key}.*: backend {spec.backend!r} refused its arguments "
+            f"{ {k: v for k, v in spec.arguments.items()} }: {err}",
+            key=key,
+            value=spec.arguments,
+        ) from err

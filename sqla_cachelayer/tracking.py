@@ -1,0 +1,395 @@
+"""Which tables a statement reads or writes, observed on the engine.
+
+One mechanism covers every write path of design G4: a ``before_cursor_execute``
+listener on each engine the layer knows sees every statement that reaches the
+driver -- ORM flushes (association and inheritance tables included), ORM bulk
+DML, Core DML, textual SQL and DDL -- and records the tables written on the
+DBAPI connection (``connection.info``). After the driver's COMMIT returns, the
+recorded set is handed to the layers watching the engine, which bump the
+tables' stamps before ``commit()`` returns to the caller. SQLAlchemy has no
+after-commit event for Core (``ConnectionEvents.commit`` fires *before* the
+DBAPI COMMIT), so the engine's dialect ``do_commit`` is wrapped, once per engine.
+
+The same listener records the tables a cache miss actually reads: while a miss
+runs, a per-context collector (a ``ContextVar``, so per thread and per
+greenlet) receives the tables of every SELECT executed for it, eager loads and
+inheritance joins included.
+
+Textual SQL is parsed with regular expressions. When in doubt it invalidates
+more: an unparsable write bumps every table (``*all*``); a textual read is
+recorded as reading ``*any*``, which every write bumps.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql.schema import Table
+from sqlalchemy.sql.selectable import TableClause
+
+from .invalidation import ALL_TABLES, ANY_TABLE
+from .keys import BoundedMemo
+
+__all__ = ["ReadCollector", "collecting", "watch_engine"]
+
+_WRITTEN = "_sqla_cachelayer_written"
+
+# --------------------------------------------------------------------------
+# table names
+
+
+def table_name(table: Any) -> str:
+    """The stamp name of a table: its bare name, lower-cased.
+
+    Schema and case are dropped on purpose: two tables that differ only by them
+    share a stamp, which can only invalidate more, never less.
+    """
+    return str(getattr(table, "name", table)).lower()
+
+
+_cascades: weakref.WeakKeyDictionary[Table, frozenset[str]] = weakref.WeakKeyDictionary()
+_cascades_lock = threading.Lock()  # guards _cascades
+
+
+def written_names(table: TableClause) -> frozenset[str]:
+    """A written table plus those the database changes with it (FK cascades)."""
+    if not isinstance(table, Table):
+        return frozenset((table_name(table),))
+    found = _cascades.get(table)
+    if found is None:
+        names = {table_name(table)}
+        todo = [table]
+        seen = {table}
+        while todo:
+            current = todo.pop()
+            for other in current.metadata.tables.values():
+                if other in seen:
+                    continue
+                for fk in other.foreign_keys:
+                    rules = {(fk.ondelete or "").upper(), (fk.onupdate or "").upper()}
+                    if fk.column.table is current and rules & {"CASCADE", "SET NULL", "SET DEFAULT"}:
+                        seen.add(other)
+                        names.add(table_name(other))
+                        todo.append(other)
+                        break
+        found = frozenset(names)
+        with _cascades_lock:
+            _cascades[table] = found
+    return found
+
+
+# --------------------------------------------------------------------------
+# textual SQL
+
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+_STRINGS = re.compile(r"'(?:[^']|'')*'")
+_IDENT = r'((?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[\w$]+)(?:\s*\.\s*(?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[\w$]+))*)'
+_WRITE_PATTERNS = [
+    re.compile(r"\binsert\s+(?:or\s+\w+\s+)?(?:ignore\s+)?into\s+" + _IDENT, re.I),
+    re.compile(r"\breplace\s+into\s+" + _IDENT, re.I),
+    re.compile(r"\bupdate\s+(?:or\s+\w+\s+)?(?:only\s+)?" + _IDENT, re.I),
+    re.compile(r"\bdelete\s+from\s+(?:only\s+)?" + _IDENT, re.I),
+    re.compile(r"\bmerge\s+into\s+" + _IDENT, re.I),
+    re.compile(r"\bcopy\s+" + _IDENT, re.I),
+    re.compile(
+        r"\b(?:create|drop|alter)\s+(?:(?:temp|temporary|unlogged|global|local)\s+)*"
+        r"(?:table|view|materialized\s+view)\s+(?:if\s+(?:not\s+)?exists\s+)?" + _IDENT,
+        re.I,
+    ),
+]
+_TRUNCATE = re.compile(r"\btruncate\s+(?:table\s+)?(?:only\s+)?([^;]+)", re.I)
+_READ_ONLY_START = re.compile(
+    r"^\s*(?:select|values|show|explain|describe|begin|commit|rollback|savepoint|release|"
+    r"start\s+transaction|end|set\s+(?:session|local|transaction|search_path)|pragma\s+[\w.]+\s*(?:;|$|\())",
+    re.I,
+)
+_DML_WORD = re.compile(
+    r"\b(?:insert|update|delete|replace|merge|truncate|create|drop|alter|copy|call|do|grant)\b",
+    re.I,
+)
+
+
+def _clean_ident(raw: str) -> str:
+    last = re.split(r"\s*\.\s*", raw)[-1]
+    return last.strip('"`[]').lower()
+
+
+def parse_textual_writes(sql: str) -> frozenset[str]:
+    """Tables a textual statement may write; ``{"*all*"}`` when it cannot tell."""
+    text = _STRINGS.sub("''", _COMMENTS.sub(" ", sql))
+    if _READ_ONLY_START.match(text) and not _DML_WORD.search(text):
+        return frozenset()
+    if not _DML_WORD.search(text):
+        # a statement we do not recognize at all (a PRAGMA with a value, a
+        # vendor command): treat as not writing table data
+        return frozenset()
+    names: set[str] = set()
+    for pattern in _WRITE_PATTERNS:
+        names.update(_clean_ident(m.group(1)) for m in pattern.finditer(text))
+    for m in _TRUNCATE.finditer(text):
+        for part in m.group(1).split(","):
+            word = part.strip().split()
+            if word:
+                names.add(_clean_ident(word[0]))
+    names.discard("")
+    if not names or re.search(r"\b(?:call|do)\b", text, re.I):
+        return frozenset((ALL_TABLES,))
+    return frozenset(names)
+
+
+_text_writes: BoundedMemo[str, frozenset[str]] = BoundedMemo(5000)
+
+
+def _textual_writes(sql: str) -> frozenset[str]:
+    found = _text_writes.get(sql)
+    if found is None:
+        found = parse_textual_writes(sql)
+        _text_writes.put(sql, found)
+    return found
+
+
+# --------------------------------------------------------------------------
+# compiled statements
+
+_compiled_reads: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
+_compiled_writes: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
+
+
+def _is_textual(compiled: Any) -> bool:
+    stmt = getattr(compiled, "statement", None)
+    return stmt is None or getattr(stmt, "__visit_name__", "") in ("textclause", "textual_select")
+
+
+def _reads_of(compiled: Any) -> frozenset[str]:
+    memo = _compiled_reads.get(id(compiled))
+    if memo is not None and memo[0] is compiled:
+        return memo[1]
+    compile_state = getattr(compiled, "compile_state", None)
+    stmt = getattr(compile_state, "statement", None)
+    if stmt is None:
+        stmt = compiled.statement
+    tables = sql_util.find_tables(
+        stmt, check_columns=True, include_aliases=True, include_joins=True, include_crud=True
+    )
+    names = frozenset(table_name(t) for t in tables if isinstance(t, TableClause))
+    if not names:
+        names = frozenset((ANY_TABLE,))
+    # hold a strong reference so the id cannot be reused while the memo lives
+    _compiled_reads.put(id(compiled), (compiled, names))
+    return names
+
+
+def _writes_of(compiled: Any) -> frozenset[str]:
+    memo = _compiled_writes.get(id(compiled))
+    if memo is not None and memo[0] is compiled:
+        return memo[1]
+    stmt = compiled.statement
+    names: set[str] = set()
+    target = getattr(stmt, "table", None)
+    if target is not None:
+        for t in sql_util.find_tables(target, include_aliases=True, include_joins=True):
+            if isinstance(t, TableClause):
+                names |= written_names(t)
+    for extra in getattr(stmt, "_extra_froms", ()) or ():
+        for t in sql_util.find_tables(extra, include_aliases=True, include_joins=True):
+            if isinstance(t, TableClause):
+                names |= written_names(t)
+    found = frozenset(names) if names else frozenset((ALL_TABLES,))
+    _compiled_writes.put(id(compiled), (compiled, found))
+    return found
+
+
+def _ddl_writes(compiled: Any) -> frozenset[str]:
+    element = getattr(compiled.statement, "element", None)
+    table = getattr(element, "table", element)
+    if isinstance(table, TableClause):
+        return written_names(table)
+    return frozenset((ALL_TABLES,))
+
+
+# --------------------------------------------------------------------------
+# the read collector
+
+
+class ReadCollector:
+    """Tables read while one cache miss runs; flags writes seen meanwhile."""
+
+    __slots__ = ("tables", "wrote")
+
+    def __init__(self) -> None:
+        self.tables: set[str] = set()
+        self.wrote = False
+
+
+_collector: ContextVar[ReadCollector | None] = ContextVar("sqla_cachelayer_collector", default=None)
+
+
+class collecting:
+    """Context manager: collect the tables read by statements run inside it."""
+
+    __slots__ = ("collector", "_token")
+
+    def __init__(self) -> None:
+        self.collector = ReadCollector()
+
+    def __enter__(self) -> ReadCollector:
+        self._token = _collector.set(self.collector)
+        return self.collector
+
+    def __exit__(self, *exc: object) -> None:
+        _collector.reset(self._token)
+
+
+def collecting_now() -> bool:
+    """True while a miss is being filled in this context (eager loads see it)."""
+    return _collector.get() is not None
+
+
+# --------------------------------------------------------------------------
+# engine watch
+
+CommitCallback = Callable[[frozenset[str]], None]
+
+
+class _EngineWatch:
+    """The listeners of one engine, shared by every layer that knows it."""
+
+    def __init__(self, engine: Engine) -> None:
+        # callbacks of the layers watching this engine; guarded by _lock for
+        # registration, iterated over a snapshot
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, CommitCallback] = {}
+        self._engine_ref = weakref.ref(engine)
+
+    def add(self, key: int, callback: CommitCallback) -> None:
+        with self._lock:
+            self._callbacks[key] = callback
+
+    def discard(self, key: int) -> None:
+        with self._lock:
+            self._callbacks.pop(key, None)
+
+    def committed(self, tables: Iterable[str]) -> None:
+        found = frozenset(tables)
+        for callback in list(self._callbacks.values()):
+            callback(found)
+
+    # listeners ------------------------------------------------------------
+    def before_cursor_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        compiled = getattr(context, "compiled", None)
+        if compiled is None or _is_textual(compiled):
+            written = _textual_writes(statement)
+            read = frozenset((ANY_TABLE,)) if not written else frozenset()
+        elif context.isinsert or context.isupdate or context.isdelete:
+            written = _writes_of(compiled)
+            read = frozenset()
+        elif context.isddl:
+            written = _ddl_writes(compiled)
+            read = frozenset()
+        else:
+            written = frozenset()
+            read = frozenset()
+            collector = _collector.get()
+            if collector is not None:
+                collector.tables.update(_reads_of(compiled))
+            return
+        collector = _collector.get()
+        if collector is not None:
+            collector.tables.update(read)
+            if written:
+                collector.wrote = True
+        if written:
+            info = conn.info
+            pending = info.get(_WRITTEN)
+            if pending is None:
+                info[_WRITTEN] = pending = set()
+            pending.update(written)
+
+    def after_cursor_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        # with AUTOCOMMIT the driver committed already: there will be no COMMIT
+        is_auto = getattr(conn, "_is_autocommit_isolation", None)
+        if is_auto is not None and is_auto():
+            pending = conn.info.pop(_WRITTEN, None)
+            if pending:
+                self.committed(pending)
+
+    def rollback(self, conn: Connection) -> None:
+        conn.info.pop(_WRITTEN, None)
+
+
+_watches: weakref.WeakKeyDictionary[Engine, _EngineWatch] = weakref.WeakKeyDictionary()
+_watches_lock = threading.Lock()  # guards _watches and the one-time engine setup
+
+
+def _wrap_do_commit(engine: Engine, watch: _EngineWatch) -> None:
+    dialect = engine.dialect
+    if getattr(dialect, "_sqla_cachelayer_wrapped", False):
+        return
+    original = dialect.do_commit
+    watch_ref = weakref.ref(watch)
+
+    def do_commit(dbapi_connection: Any) -> None:
+        original(dbapi_connection)
+        info = getattr(dbapi_connection, "info", None)
+        if info is None:
+            return
+        pending = info.pop(_WRITTEN, None)
+        if pending:
+            current = watch_ref()
+            if current is not None:
+                current.committed(pending)
+
+    dialect.do_commit = do_commit  # type: ignore[method-assign]
+    dialect._sqla_cachelayer_wrapped = True  # type: ignore[attr-defined]
+
+
+def watch_engine(engine: Engine, key: int, callback: CommitCallback) -> None:
+    """Make ``callback(tables)`` run after every COMMIT on ``engine`` that wrote."""
+    engine = engine.engine
+    with _watches_lock:
+        watch = _watches.get(engine)
+        if watch is None:
+            watch = _EngineWatch(engine)
+            _watches[engine] = watch
+            event.listen(engine, "before_cursor_execute", watch.before_cursor_execute)
+            event.listen(engine, "after_cursor_execute", watch.after_cursor_execute)
+            event.listen(engine, "rollback", watch.rollback)
+            _wrap_do_commit(engine, watch)
+    watch.add(key, callback)
+
+
+def unwatch_engine(engine: Engine, key: int) -> None:
+    """Stop calling the callback registered under ``key``."""
+    watch = _watches.get(engine.engine)
+    if watch is not None:
+        watch.discard(key)
+
+
+def written_on(conn: Connection) -> set[str] | None:
+    """Tables written on this connection's current transaction, if any."""
+    found: set[str] | None = conn.info.get(_WRITTEN)
+    return found
