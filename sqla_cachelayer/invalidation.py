@@ -189,6 +189,11 @@ class LocalStampStore(StampStore):
 class CounterStampStore(StampStore):
     """This project's backends, which keep never-evicted atomic counters."""
 
+    def __init__(self, region: CacheRegion, namespace: str) -> None:
+        super().__init__(region, namespace)
+        # the counter methods live on the real backend, under any proxies
+        self._backend = region.actual_backend
+
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
         if entry_key is None:
@@ -342,9 +347,10 @@ def store_for_region(region: CacheRegion, namespace: str) -> StampStore:
     actual = region.actual_backend
     if hasattr(actual, "bump_counters") and hasattr(actual, "get_with_counters"):
         # proxies may wrap the data methods, but counters live on the real backend
-        store: StampStore = CounterStampStore(region, namespace)
-        store._backend = actual if region.backend is not actual else region.backend
-        return store
+        return CounterStampStore(region, namespace)
+    if region.backend is not actual:
+        # proxies in front of the backend: every operation goes through them
+        return MutexStampStore(region, namespace)
     cls_name = type(actual).__name__
     module = type(actual).__module__
     if module.startswith("dogpile.cache.backends.memory") and cls_name in _PER_PROCESS_BACKENDS:

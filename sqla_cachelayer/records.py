@@ -316,6 +316,10 @@ def _attach(
         obj = manager.new_instance()
         state = obj._sa_instance_state
         obj.__dict__.update(values)
+        if len(values) != len(columns):
+            # columns this query did not load (a subclass's table, deferred
+            # ones): as after a database load, they load on first access
+            state.expired_attributes.update(k for k in columns if k not in values)
         state.key = key
         state.identity_token = key[2]
         state.session_id = session_id

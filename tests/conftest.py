@@ -32,3 +32,73 @@ else:  # the default: tests/ is put on sys.path by pytest
 # ===========================================================================
 # Project fixtures: append below this line.
 # ===========================================================================
+
+import dataclasses  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+from dogpile.cache import make_region  # noqa: E402
+from sqlalchemy import Engine, create_engine, event  # noqa: E402
+from sqlalchemy.orm import sessionmaker  # noqa: E402
+
+
+@dataclasses.dataclass
+class CacheEnv:
+    """An engine on its own SQLite file, a layer, an installed sessionmaker, SQL counters."""
+
+    engine: Engine
+    layer: Any
+    Session: sessionmaker[Any]
+    statements: list[str]
+    checkouts: list[int]
+
+    def sql_count(self) -> int:
+        return len(self.statements)
+
+    def reset(self) -> None:
+        self.statements.clear()
+        self.checkouts.clear()
+
+
+def count_sql(engine: Engine, statements: list[str], checkouts: list[int]) -> None:
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA", "COMMIT", "ROLLBACK")):
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine.pool, "checkout", lambda *a: checkouts.append(1))
+
+
+@pytest.fixture
+def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
+    """Factory: ``make_env(region=None, url=None, **layer_kw)`` with the test schema seeded."""
+    import sqla_cachelayer as scl
+    from _models import Base, seed
+
+    engines: list[Engine] = []
+
+    def factory(region: Any = None, url: str | None = None, seed_data: bool = True, **kw: Any) -> CacheEnv:
+        url = url or f"sqlite:///{tmp_path / f'db{len(engines)}.sqlite'}"
+        engine = create_engine(url)
+        engines.append(engine)
+        Base.metadata.create_all(engine)
+        if region is None:
+            region = make_region().configure("dogpile.cache.memory")
+        layer = scl.CacheLayer({"default": region} if not isinstance(region, dict) else region, **kw)
+        Session = layer.install(sessionmaker(engine))
+        statements: list[str] = []
+        checkouts: list[int] = []
+        if seed_data:
+            seed(Session)
+        count_sql(engine, statements, checkouts)
+        return CacheEnv(engine, layer, Session, statements, checkouts)
+
+    yield factory
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def env(make_env: Callable[..., CacheEnv]) -> CacheEnv:
+    return make_env()
