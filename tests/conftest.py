@@ -70,6 +70,19 @@ def count_sql(engine: Engine, statements: list[str], checkouts: list[int]) -> No
     event.listen(engine.pool, "checkout", lambda *a: checkouts.append(1))
 
 
+def sqlite_real_transactions(engine: Engine) -> None:
+    """pysqlite's documented recipe: our BEGIN, so a transaction keeps its snapshot."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
 @pytest.fixture
 def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
     """Factory: ``make_env(region=None, url=None, **layer_kw)`` with the test schema seeded."""
@@ -78,9 +91,17 @@ def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
 
     engines: list[Engine] = []
 
-    def factory(region: Any = None, url: str | None = None, seed_data: bool = True, **kw: Any) -> CacheEnv:
+    def factory(
+        region: Any = None,
+        url: str | None = None,
+        seed_data: bool = True,
+        real_transactions: bool = False,
+        **kw: Any,
+    ) -> CacheEnv:
         url = url or f"sqlite:///{tmp_path / f'db{len(engines)}.sqlite'}"
         engine = create_engine(url)
+        if real_transactions:
+            sqlite_real_transactions(engine)
         engines.append(engine)
         Base.metadata.create_all(engine)
         if region is None:
