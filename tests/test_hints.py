@@ -1,0 +1,134 @@
+"""FromCache, RelationshipCache, NoCache, execution options and cache_all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from _models import Address, User
+from dogpile.cache import make_region
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from sqla_cachelayer import FromCache, NoCache, RelationshipCache
+
+
+def _run_twice(Session: Any, stmt: Any) -> None:
+    for _ in range(2):
+        with Session() as s:
+            s.execute(stmt).all()
+
+
+def test_from_cache_named_region(make_env: Any) -> None:
+    regions = {
+        "default": make_region().configure("dogpile.cache.memory"),
+        "long": make_region().configure("dogpile.cache.memory"),
+    }
+    env = make_env(region=regions)
+    _run_twice(env.Session, select(User.id).options(FromCache("long")))
+    assert len(regions["long"].backend._cache) == 1
+    assert len(regions["default"].backend._cache) == 0
+    assert env.layer.stats()["hits"] == 1
+
+
+def test_no_hint_no_cache(env: Any) -> None:
+    _run_twice(env.Session, select(User.id))
+    assert env.layer.stats()["hits"] == 0 and env.layer.stats()["misses"] == 0
+
+
+def test_session_wide_execution_option(env: Any) -> None:
+    Session = env.layer.install(
+        sessionmaker(env.engine, execution_options={"cache_region": "default"})
+    )
+    _run_twice(Session, select(User.id))
+    assert env.layer.stats()["hits"] == 1
+    _run_twice(Session, select(User.name).options(NoCache()))
+    assert env.layer.stats()["hits"] == 1, "NoCache wins over the session default"
+    _run_twice(Session, select(User.score).execution_options(cache_region=None))
+    assert env.layer.stats()["hits"] == 1, "cache_region=None switches the default off"
+
+
+def test_statement_execution_options(env: Any) -> None:
+    stmt = select(User.id).execution_options(cache_region="default", cache_expiration_time=0)
+    _run_twice(env.Session, stmt)
+    assert env.layer.stats()["hits"] == 0, "cache_expiration_time=0 serves nothing twice"
+    stmt = select(User.id).execution_options(cache_region="default", cache_expiration_time=60)
+    _run_twice(env.Session, stmt)
+    # the entry the second run above stored is young enough for a 60 s reader
+    assert env.layer.stats()["hits"] == 2
+
+
+def test_cache_all(make_env: Any) -> None:
+    env = make_env(cache_all=True)
+    _run_twice(env.Session, select(User.id))
+    assert env.layer.stats()["hits"] == 1
+    _run_twice(env.Session, select(User.name).options(NoCache()))
+    assert env.layer.stats()["hits"] == 1
+    with env.Session() as s:
+        s.get(User, 1)
+    env.reset()
+    with env.Session() as s:
+        assert s.get(User, 1).name == "user1"
+    assert env.statements == []
+
+
+def test_no_cache_wins_over_from_cache(env: Any) -> None:
+    _run_twice(env.Session, select(User.id).options(FromCache(), NoCache()))
+    assert env.layer.stats()["hits"] == 0
+
+
+def test_for_update_and_populate_existing_bypass(env: Any) -> None:
+    _run_twice(env.Session, select(User.id).with_for_update().options(FromCache()))
+    _run_twice(
+        env.Session, select(User).options(FromCache()).execution_options(populate_existing=True)
+    )
+    stats = env.layer.stats()
+    assert stats["hits"] == 0 and stats["bypasses"] == 4
+
+
+def test_relationship_cache_serves_lazy_loads(env: Any) -> None:
+    opt = RelationshipCache(User.addresses).and_(RelationshipCache(Address.user))
+
+    def emails() -> list[str]:
+        with env.Session() as s:
+            user = s.scalars(select(User).where(User.id == 2).options(opt)).one()
+            return [a.email for a in user.addresses]
+
+    assert emails() == ["u2-0@x.org", "u2-1@x.org"]
+    env.reset()
+    assert emails() == ["u2-0@x.org", "u2-1@x.org"]
+    # the parent query ran; the lazy load did not
+    assert len(env.statements) == 1 and "addresses" not in env.statements[0]
+    with env.Session() as s:
+        s.get(Address, 20).email = "lazy@x"
+        s.commit()
+    assert emails() == ["lazy@x", "u2-1@x.org"]
+
+
+def test_relationship_cache_on_cached_parent(env: Any) -> None:
+    opt = RelationshipCache(User.addresses)
+
+    def emails() -> list[str]:
+        with env.Session() as s:
+            user = s.scalars(select(User).where(User.id == 3).options(FromCache(), opt)).one()
+            return [a.email for a in user.addresses]
+
+    assert emails() == ["u3-0@x.org", "u3-1@x.org"]
+    env.reset()
+    assert emails() == ["u3-0@x.org", "u3-1@x.org"]
+    assert env.statements == [], "parent from cache, and its lazy load through RelationshipCache"
+
+
+def test_unknown_region_in_hint_is_not_an_error(env: Any) -> None:
+    # a hint for a region this layer does not own is left to whoever owns it
+    _run_twice(env.Session, select(User.id).options(FromCache("elsewhere")))
+    assert env.layer.stats()["misses"] == 0
+
+
+def test_uninstall(env: Any) -> None:
+    env.layer.uninstall(env.Session)
+    _run_twice(env.Session, select(User.id).options(FromCache()))
+    assert env.layer.stats()["misses"] == 0
+    env.layer.install(env.Session)
+    env.layer.install(env.Session)  # idempotent
+    _run_twice(env.Session, select(User.id).options(FromCache()))
+    assert env.layer.stats()["hits"] == 1 and env.layer.stats()["misses"] == 1
