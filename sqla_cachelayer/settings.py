@@ -34,6 +34,11 @@ _LAYER_KEYS = {
 }
 
 
+def bad_setting(key: str, value: Any, why: str) -> ConfigurationError:
+    """The one format of every settings error: ``key = 'value': why``."""
+    return ConfigurationError(f"{key} = {value!r}: {why}", key=key, value=value)
+
+
 def coerce_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -42,38 +47,28 @@ def coerce_bool(key: str, value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ConfigurationError(
-        f"{key}: expected true or false, got {value!r}", key=key, value=value
-    )
+    raise bad_setting(key, value, "expected true or false")
 
 
 def coerce_seconds(key: str, value: Any, *, allow_none: bool = True) -> float | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         if allow_none:
             return None
-        raise ConfigurationError(f"{key}: a number of seconds is required", key=key, value=value)
+        raise bad_setting(key, value, "a number of seconds is required")
     if isinstance(value, bool):
-        raise ConfigurationError(
-            f"{key}: expected a number of seconds, got {value!r}", key=key, value=value
-        )
+        raise bad_setting(key, value, "expected a number of seconds")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigurationError(
-            f"{key}: expected a number of seconds, got {value!r}", key=key, value=value
-        ) from None
+        raise bad_setting(key, value, "expected a number of seconds") from None
     if number != number or number < 0 or number == float("inf"):
-        raise ConfigurationError(
-            f"{key}: expected a non-negative, finite number of seconds, got {value!r}",
-            key=key,
-            value=value,
-        )
+        raise bad_setting(key, value, "expected a non-negative, finite number of seconds")
     return number
 
 
 def check_backend(key: str, name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ConfigurationError(f"{key}: a backend name is required, got {name!r}", key=key, value=name)
+        raise bad_setting(key, name, "a backend name is required")
     name = name.strip()
     # make sure this project's backends are registered before looking them up
     from . import backends  # noqa: F401
@@ -81,9 +76,7 @@ def check_backend(key: str, name: Any) -> str:
     try:
         _backend_loader.load(name)
     except Exception as err:
-        raise ConfigurationError(
-            f"{key}: unknown cache backend {name!r} ({err})", key=key, value=name
-        ) from None
+        raise bad_setting(key, name, f"unknown cache backend ({err})") from None
     return name
 
 
@@ -117,17 +110,13 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
         if full_key.startswith(region_prefix):
             parts = full_key[len(region_prefix) :].split(".", 2)
             if len(parts) < 2 or not parts[0]:
-                raise ConfigurationError(
-                    f"{full_key}: expected {region_prefix}<name>.<option>", key=full_key, value=value
-                )
+                raise bad_setting(full_key, value, f"expected {region_prefix}<name>.<option>")
             name, option = parts[0], parts[1]
             region = regions.setdefault(name, RegionSettings(name=name))
             if option == "arguments":
                 if len(parts) != 3 or not parts[2]:
-                    raise ConfigurationError(
-                        f"{full_key}: expected {region_prefix}{name}.arguments.<argument>",
-                        key=full_key,
-                        value=value,
+                    raise bad_setting(
+                        full_key, value, f"expected {region_prefix}{name}.arguments.<argument>"
                     )
                 region.arguments[parts[2]] = value
             elif option == "backend" and len(parts) == 2:
@@ -136,21 +125,21 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
             elif option == "expiration_time" and len(parts) == 2:
                 region.expiration_time = coerce_seconds(full_key, value)
             else:
-                raise ConfigurationError(
-                    f"{full_key}: unknown region setting {option!r} "
-                    f"(known: backend, expiration_time, arguments.<name>)",
-                    key=full_key,
-                    value=value,
+                raise bad_setting(
+                    full_key,
+                    value,
+                    f"unknown region setting {option!r} "
+                    "(known: backend, expiration_time, arguments.<name>)",
                 )
         elif rest in _LAYER_KEYS:
             layer[rest] = (full_key, value)
         else:
-            raise ConfigurationError(
-                f"{full_key}: unknown setting (known: {prefix}regions.<name>.*, "
+            raise bad_setting(
+                full_key,
+                value,
+                f"unknown setting (known: {prefix}regions.<name>.*, "
                 + ", ".join(prefix + k for k in sorted(_LAYER_KEYS))
                 + ")",
-                key=full_key,
-                value=value,
             )
     if not regions:
         regions["default"] = RegionSettings(name="default")
@@ -159,11 +148,8 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
         key, value = layer["default_region"]
         name = str(value).strip()
         if name not in regions:
-            raise ConfigurationError(
-                f"{key}: region {value!r} is not configured "
-                f"(configured: {', '.join(sorted(regions))})",
-                key=key,
-                value=value,
+            raise bad_setting(
+                key, value, f"region is not configured (configured: {', '.join(sorted(regions))})"
             )
         result.default_region = name
     if "cache_all" in layer:
@@ -172,7 +158,7 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
         key, value = layer["namespace"]
         text = str(value).strip()
         if not text or any(c.isspace() for c in text):
-            raise ConfigurationError(f"{key}: expected a word, got {value!r}", key=key, value=value)
+            raise bad_setting(key, value, "expected a single word")
         result.namespace = text
     if "breaker_reset_seconds" in layer:
         seconds = coerce_seconds(*layer["breaker_reset_seconds"], allow_none=False)
@@ -203,9 +189,6 @@ def build_region(spec: RegionSettings, prefix: str = "cachelayer.") -> CacheRegi
         raise
     except Exception as err:
         key = f"{prefix}regions.{spec.name}.arguments"
-        raise ConfigurationError(
-            f"{key}.*: backend {spec.backend!r} refused its arguments "
-            f"{ {k: v for k, v in spec.arguments.items()} }: {err}",
-            key=key,
-            value=spec.arguments,
+        raise bad_setting(
+            key + ".*", spec.arguments, f"backend {spec.backend!r} refused its arguments: {err}"
         ) from err
