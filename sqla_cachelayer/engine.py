@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -82,6 +83,10 @@ DEFAULT_BEGIN_MODE: Final[BeginMode] = "immediate"
 #: e.g. ``engine.execution_options(sqlite_begin_mode="deferred")`` for a
 #: read-only reporting session that must not queue behind writers.
 BEGIN_MODE_OPTION: Final = "sqlite_begin_mode"
+
+# Key in a pool record's info: the thread whose write-lock transaction is open
+# on that connection.
+_WRITE_LOCK_KEY: Final = "sqla_cachelayer.write_lock_thread"
 
 _BEGIN_SQL: Final[Mapping[str, str]] = {
     "deferred": "BEGIN DEFERRED",
@@ -552,7 +557,27 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
     """Every SQLite event listener, in one place (see docs/engine.md)."""
     pragma_sql = [f"PRAGMA {name} = {value}" for name, value in plan.pragmas.items()]
     take_over_begin = not plan.autocommit
-    default_begin = _BEGIN_SQL[plan.begin_mode]
+    default_mode: BeginMode = plan.begin_mode
+    # A second transaction opened by a thread that already holds the write lock
+    # through another connection would wait for itself until busy_timeout; it
+    # begins DEFERRED instead, so that it can at least read.  An asyncio engine
+    # runs every transaction on one thread, so the rule is for threads only.
+    track_threads = not engine.dialect.is_async
+    # Thread ident -> write-lock transactions open on this engine.  Owned by
+    # this engine's hooks; guarded by holders_lock.
+    holders: dict[int, int] = {}
+    holders_lock = threading.Lock()
+
+    def note_released(info: dict[Any, Any]) -> None:
+        ident = info.pop(_WRITE_LOCK_KEY, None)
+        if ident is None:
+            return
+        with holders_lock:
+            left = holders.get(ident, 0) - 1
+            if left > 0:
+                holders[ident] = left
+            else:
+                holders.pop(ident, None)
 
     def on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
         if take_over_begin:
@@ -571,17 +596,30 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
         level = options.get("isolation_level")
         if level == "AUTOCOMMIT" or (level is None and plan.autocommit):
             return
-        mode = options.get(BEGIN_MODE_OPTION)
-        statement = default_begin if mode is None else _BEGIN_SQL[mode]
-        dbapi_connection = conn.connection.dbapi_connection
+        mode: BeginMode = options.get(BEGIN_MODE_OPTION) or default_mode
+        ident = threading.get_ident()
+        if mode != "deferred" and track_threads:
+            with holders_lock:
+                if holders.get(ident):
+                    mode = "deferred"
+        proxied = conn.connection
+        dbapi_connection = proxied.dbapi_connection
         if dbapi_connection is not None and dbapi_connection.isolation_level is not None:
             # An isolation_level execution option was reset on check-in, which
             # gives pysqlite its BEGIN back; no transaction is open here, so
             # taking it away again commits nothing.
             dbapi_connection.isolation_level = None
-        conn.exec_driver_sql(statement)
+        conn.exec_driver_sql(_BEGIN_SQL[mode])
+        if mode != "deferred" and track_threads:
+            proxied.info[_WRITE_LOCK_KEY] = ident
+            with holders_lock:
+                holders[ident] = holders.get(ident, 0) + 1
+
+    def on_commit(conn: Connection) -> None:
+        note_released(conn.connection.info)
 
     def on_rollback(conn: Connection) -> None:
+        note_released(conn.connection.info)
         # pysqlite reports isolation_level=None as autocommit, so with
         # skip_autocommit_rollback SQLAlchemy would skip the DBAPI rollback and
         # leave our BEGIN (and with it the write lock) open.
@@ -593,10 +631,15 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
     def on_reset(
         dbapi_connection: Any, connection_record: ConnectionPoolEntry, reset_state: PoolResetState
     ) -> None:
+        note_released(connection_record.info)
         # The pool's own rollback is skipped when the Connection says it has
         # already reset the transaction; make sure nothing stays open.
         if reset_state.asyncio_safe and _in_transaction(connection_record.driver_connection):
             dbapi_connection.rollback()
+
+    def on_gone(dbapi_connection: Any, connection_record: ConnectionPoolEntry, *args: Any) -> None:
+        # A closed or invalidated DBAPI connection holds no lock any more.
+        note_released(connection_record.info)
 
     def check_options(target: Any, opts: dict[str, Any]) -> None:
         mode = opts.get(BEGIN_MODE_OPTION)
@@ -609,10 +652,13 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
 
     event.listen(engine, "connect", on_connect)
     event.listen(engine, "reset", on_reset)
+    event.listen(engine, "invalidate", on_gone)
+    event.listen(engine, "close", on_gone)
     event.listen(engine, "set_connection_execution_options", check_options)
     event.listen(engine, "set_engine_execution_options", check_options)
     if take_over_begin:
         event.listen(engine, "begin", on_begin)
+        event.listen(engine, "commit", on_commit)
         event.listen(engine, "rollback", on_rollback)
 
 
