@@ -469,6 +469,11 @@ class CacheLayer:
                 written = set(found) if written is None else written | found
         return written
 
+    @staticmethod
+    def _holds_connection(session: Session) -> bool:
+        tx = session.get_transaction()
+        return tx is not None and bool(tx._connections)
+
     def _snapshot_seq(self, session: Session, rs: _RegionState, bind: Any, fresh_seq: int) -> int:
         tx = session.get_transaction()
         conn = None
@@ -624,11 +629,15 @@ class CacheLayer:
         stats = self._stats
         session = orm_context.session
         mutex = None
+        # Wait for another caller's fill only when waiting cannot deadlock:
+        # dogpile's mutex is a threading lock, so inside an event loop's greenlet
+        # a blocking wait would stall the loop; and a session already holding a
+        # transaction may hold database locks (SQLite BEGIN IMMEDIATE, FOR
+        # UPDATE) that the fill it would wait for needs. Those only try the lock.
+        wait = not in_greenlet() and not self._holds_connection(session)
         try:
             candidate = rs.store.mutex(key)
-            # dogpile's mutex is a threading lock: inside an event loop's greenlet
-            # a blocking wait would stall the loop, so there it is only tried
-            if candidate.acquire(not in_greenlet()):
+            if candidate.acquire(wait):
                 mutex = candidate
         except Exception as err:
             self._backend_error(rs, "lock", err)
