@@ -133,7 +133,7 @@ class StampStore(ABC):
 
     def mutex(self, key: str) -> Any:
         """The per-key single-flight lock (dogpile's: distributed where configured)."""
-        return self.region._mutex(key)
+        return self.region._mutex(key)  # type: ignore[no-untyped-call]
 
     # protocol ----------------------------------------------------------------
     @abstractmethod

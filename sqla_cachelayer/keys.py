@@ -26,6 +26,7 @@ risking two different values sharing a key.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import enum
@@ -75,10 +76,9 @@ class BoundedMemo(Generic[K, V]):
     def put(self, key: K, value: V) -> None:
         data = self._data
         if len(data) >= self.maxsize:
-            try:
+            # another thread may change the dict meanwhile; the bound still holds loosely
+            with contextlib.suppress(StopIteration, RuntimeError, KeyError):
                 del data[next(iter(data))]
-            except (StopIteration, RuntimeError, KeyError):
-                pass  # another thread changed the dict meanwhile; bound still holds loosely
         data[key] = value
 
     def __len__(self) -> int:

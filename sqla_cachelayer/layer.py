@@ -131,9 +131,13 @@ class CacheLayer:
         metadata_memo_size: int = 2000,
     ) -> None:
         if regions is None:
-            regions = {"default": build_region(RegionSettings(name="default", backend=EMBEDDED_BACKEND))}
+            regions = {
+                "default": build_region(RegionSettings(name="default", backend=EMBEDDED_BACKEND))
+            }
         if not regions:
-            raise ConfigurationError("regions: at least one region is required", key="regions", value=regions)
+            raise ConfigurationError(
+                "regions: at least one region is required", key="regions", value=regions
+            )
         if default_region not in regions:
             raise ConfigurationError(
                 f"default_region: region {default_region!r} is not configured "
@@ -266,7 +270,9 @@ class CacheLayer:
             return sync_class
         if isinstance(target, AsyncSession):
             return target.sync_session
-        if isinstance(target, Session) or (isinstance(target, type) and issubclass(target, Session)):
+        if isinstance(target, Session) or (
+            isinstance(target, type) and issubclass(target, Session)
+        ):
             return target
         raise TypeError(
             "install() takes a sessionmaker, Session subclass, scoped_session, Session, "
@@ -338,7 +344,9 @@ class CacheLayer:
         try:
             mapper = inspect(target).mapper
         except Exception:
-            raise TypeError(f"invalidate() takes mapped classes, Tables or names; got {target!r}") from None
+            raise TypeError(
+                f"invalidate() takes mapped classes, Tables or names; got {target!r}"
+            ) from None
         return [table_name(t) for t in mapper.tables]
 
     # ------------------------------------------------------------------
@@ -385,7 +393,9 @@ class CacheLayer:
         if seq > rs.last_seen:
             rs.last_seen = seq
         self._stats.incr("replays")
-        log.warning("sqla_cachelayer: region %r is back; replayed %d invalidations", rs.name, len(names))
+        log.warning(
+            "sqla_cachelayer: region %r is back; replayed %d invalidations", rs.name, len(names)
+        )
         return done
 
     def _backend_error(self, rs: _RegionState, what: str, err: BaseException) -> None:
@@ -534,7 +544,7 @@ class CacheLayer:
                 digest = b"k:" + hint.cache_key.encode()
                 key = _keys.explicit_key(rs.prefix, hint.cache_key, db)
             else:
-                ck = statement._generate_cache_key()
+                ck = statement._generate_cache_key()  # type: ignore[attr-defined]
                 if ck is None:
                     stats.incr("bypasses")
                     return None
@@ -572,13 +582,17 @@ class CacheLayer:
             return result
         return self._miss(orm_context, rs, hint, key, digest, bind, found, written)
 
-    def _valid(self, record: Any, lookup: Lookup, hint: _Hint, rs: _RegionState, now: float) -> bool:
+    def _valid(
+        self, record: Any, lookup: Lookup, hint: _Hint, rs: _RegionState, now: float
+    ) -> bool:
         bound = record.seq
         for stamp in lookup.stamps:
             if stamp is None or stamp > bound:
                 return False
         if not hint.ignore_expiration:
-            expiration = hint.expiration_time if hint.expiration_time is not None else rs.expiration_time
+            expiration = (
+                hint.expiration_time if hint.expiration_time is not None else rs.expiration_time
+            )
             if expiration is not None and expiration >= 0 and now - record.created > expiration:
                 return False
         return True
@@ -611,7 +625,9 @@ class CacheLayer:
             return None
         metadata = self._metadata.get(digest) or record.metadata
         load_options = tuple(
-            opt for opt in orm_context.statement._with_options if opt.propagate_to_loaders
+            opt
+            for opt in orm_context.statement._with_options
+            if getattr(opt, "propagate_to_loaders", False)
         )
         return _result_from_record(orm_context.session, record, metadata, load_options)
 
@@ -671,7 +687,16 @@ class CacheLayer:
             with collecting() as collector:
                 frozen = orm_context.invoke_statement().freeze()
             self._store(
-                orm_context, rs, key, digest, frozen, marker, snapshot_seq, seq_now, collector, written
+                orm_context,
+                rs,
+                key,
+                digest,
+                frozen,
+                marker,
+                snapshot_seq,
+                seq_now,
+                collector,
+                written,
             )
             return frozen()
         finally:

@@ -47,13 +47,13 @@ class Record:
     """One cached result, as stored (pickled) in the backend."""
 
     __slots__ = (
-        "created",
-        "metadata",
         "attributes",
-        "scalars_source",
-        "rows",
+        "created",
         "entity_positions",
+        "metadata",
         "objects",
+        "rows",
+        "scalars_source",
         "seq",
         "tables",
     )
@@ -133,7 +133,7 @@ _layouts: BoundedMemo[type, tuple[tuple[str, ...], tuple[str, ...], Mapper[Any]]
 def _layout(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], Mapper[Any]]:
     found = _layouts.get(cls)
     if found is None:
-        state_mapper = attributes.manager_of_class(cls).mapper
+        state_mapper: Mapper[Any] = attributes.manager_of_class(cls).mapper
         columns = tuple(p.key for p in state_mapper.column_attrs)
         rels = tuple(r.key for r in state_mapper.relationships)
         found = (columns, rels, state_mapper)
@@ -149,9 +149,7 @@ def _state_of(value: Any) -> InstanceState[Any] | None:
 # capture (miss path)
 
 
-def record_from_frozen(
-    frozen: Any, fresh_after: int, seq: int, tables: tuple[str, ...]
-) -> Record:
+def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[str, ...]) -> Record:
     """Build a record from a frozen ORM result.
 
     ``fresh_after`` is a loader run id taken before the query ran: every
@@ -311,7 +309,7 @@ def _attach(
             append(existing)
             fresh.append(False)
             continue
-        columns, rels, mapper = _layout(cls)
+        columns, _rels, mapper = _layout(cls)
         manager = mapper.class_manager
         obj = manager.new_instance()
         state = obj._sa_instance_state

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dogpile.cache import make_region
-from dogpile.cache.region import CacheRegion, _backend_loader
+from dogpile.cache import region as _dogpile_region
+from dogpile.cache.region import CacheRegion
 
 from .exc import ConfigurationError
 
@@ -74,10 +75,10 @@ def check_backend(key: str, name: Any) -> str:
     from . import backends  # noqa: F401
 
     try:
-        _backend_loader.load(name)
+        _dogpile_region._backend_loader.load(name)  # type: ignore[attr-defined,no-untyped-call]
     except Exception as err:
         raise bad_setting(key, name, f"unknown cache backend ({err})") from None
-    return name
+    return str(name)
 
 
 @dataclass

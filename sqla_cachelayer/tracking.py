@@ -75,7 +75,11 @@ def written_names(table: TableClause) -> frozenset[str]:
                     continue
                 for fk in other.foreign_keys:
                     rules = {(fk.ondelete or "").upper(), (fk.onupdate or "").upper()}
-                    if fk.column.table is current and rules & {"CASCADE", "SET NULL", "SET DEFAULT"}:
+                    if fk.column.table is current and rules & {
+                        "CASCADE",
+                        "SET NULL",
+                        "SET DEFAULT",
+                    }:
                         seen.add(other)
                         names.add(table_name(other))
                         todo.append(other)
@@ -91,7 +95,9 @@ def written_names(table: TableClause) -> frozenset[str]:
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
 _STRINGS = re.compile(r"'(?:[^']|'')*'")
-_IDENT = r'((?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[\w$]+)(?:\s*\.\s*(?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[\w$]+))*)'
+_IDENT = (
+    r'((?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[\w$]+)(?:\s*\.\s*(?:"[^"]+"|`[^`]+`|\[[^\]]+\]|[\w$]+))*)'
+)
 _WRITE_PATTERNS = [
     re.compile(r"\binsert\s+(?:or\s+\w+\s+)?(?:ignore\s+)?into\s+" + _IDENT, re.I),
     re.compile(r"\breplace\s+into\s+" + _IDENT, re.I),
@@ -235,7 +241,7 @@ _collector: ContextVar[ReadCollector | None] = ContextVar("sqla_cachelayer_colle
 class collecting:
     """Context manager: collect the tables read by statements run inside it."""
 
-    __slots__ = ("collector", "_token")
+    __slots__ = ("_token", "collector")
 
     def __init__(self) -> None:
         self.collector = ReadCollector()

@@ -34,7 +34,9 @@ def _plain(value: Any) -> Any:
 QUERIES = {
     "entities": lambda s, o: s.scalars(select(User).order_by(User.id).options(o)).all(),
     "one_by_pk": lambda s, o: s.scalars(select(User).where(User.id == 3).options(o)).one(),
-    "columns": lambda s, o: s.execute(select(User.id, User.name).order_by(User.id).options(o)).all(),
+    "columns": lambda s, o: s.execute(
+        select(User.id, User.name).order_by(User.id).options(o)
+    ).all(),
     "scalar": lambda s, o: s.scalar(select(User.name).where(User.id == 2).options(o)),
     "aggregate": lambda s, o: s.execute(
         select(Address.user_id, func.count(Address.id)).group_by(Address.user_id).options(o)
@@ -50,12 +52,16 @@ QUERIES = {
     "selectinload": lambda s, o: [
         (u, list(u.addresses), list(u.keywords))
         for u in s.scalars(
-            select(User).order_by(User.id).options(o, selectinload(User.addresses), selectinload(User.keywords))
+            select(User)
+            .order_by(User.id)
+            .options(o, selectinload(User.addresses), selectinload(User.keywords))
         )
     ],
     "joinedload": lambda s, o: [
         (u, list(u.addresses))
-        for u in s.scalars(select(User).order_by(User.id).options(o, joinedload(User.addresses))).unique()
+        for u in s.scalars(
+            select(User).order_by(User.id).options(o, joinedload(User.addresses))
+        ).unique()
     ],
     "subqueryload": lambda s, o: [
         (u, list(u.addresses))
@@ -65,7 +71,9 @@ QUERIES = {
     "subclass": lambda s, o: s.scalars(select(Manager).options(o)).all(),
     "many_to_one_joined": lambda s, o: [
         (a, a.user)
-        for a in s.scalars(select(Address).order_by(Address.id).options(o, joinedload(Address.user)))
+        for a in s.scalars(
+            select(Address).order_by(Address.id).options(o, joinedload(Address.user))
+        )
     ],
 }
 
@@ -110,7 +118,10 @@ def test_hit_objects_are_persistent_in_identity_map(env: Any) -> None:
         s.commit()
         assert any(st.lstrip().upper().startswith("UPDATE") for st in env.statements)
     with env.Session() as s:
-        assert s.scalars(select(User).where(User.id == first_id).options(NoCache())).one().name == "renamed"
+        assert (
+            s.scalars(select(User).where(User.id == first_id).options(NoCache())).one().name
+            == "renamed"
+        )
 
 
 def test_object_already_in_session_is_the_one_returned(env: Any) -> None:
@@ -187,8 +198,10 @@ def test_session_get_cached(env: Any) -> None:
 
 
 def test_column_types_survive(env: Any) -> None:
-    stmt = select(User.score, func.avg(User.score), func.max(User.name)).group_by(User.score).options(
-        FromCache()
+    stmt = (
+        select(User.score, func.avg(User.score), func.max(User.name))
+        .group_by(User.score)
+        .options(FromCache())
     )
     with env.Session() as s:
         expected = s.execute(stmt.options(NoCache())).all()

@@ -100,13 +100,15 @@ def _textual(env: Any) -> None:
 
 def _driver_sql(env: Any) -> None:
     with env.engine.begin() as conn:
-        conn.exec_driver_sql('INSERT INTO "addresses" (id, email, user_id) VALUES (70, \'d@x\', 1)')
+        conn.exec_driver_sql("INSERT INTO \"addresses\" (id, email, user_id) VALUES (70, 'd@x', 1)")
 
 
 def _ddl(env: Any) -> None:
     with env.engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE addresses")
-        conn.exec_driver_sql("CREATE TABLE addresses (id INTEGER PRIMARY KEY, email TEXT, user_id INT)")
+        conn.exec_driver_sql(
+            "CREATE TABLE addresses (id INTEGER PRIMARY KEY, email TEXT, user_id INT)"
+        )
 
 
 def _cascade(env: Any) -> None:
@@ -165,7 +167,7 @@ def test_savepoint_writes_invalidate_on_commit(env: Any) -> None:
         with s.begin_nested():
             s.get(User, 1).name = "in savepoint"
         s.commit()
-    assert ("in savepoint" in [n for _, n in _names(env, USERS)])
+    assert "in savepoint" in [n for _, n in _names(env, USERS)]
 
 
 def test_read_your_writes_inside_transaction(env: Any) -> None:

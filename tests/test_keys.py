@@ -36,7 +36,9 @@ def test_execute_time_params_are_in_the_key(env: Any) -> None:
 
 def test_literal_values_are_in_the_key(env: Any) -> None:
     for uid in (1, 2, 1, 2):
-        assert _name(env, select(User.name).where(User.id == uid).options(FromCache())) == f"user{uid}"
+        assert (
+            _name(env, select(User.name).where(User.id == uid).options(FromCache())) == f"user{uid}"
+        )
     assert env.layer.stats()["hits"] == 2
 
 
@@ -95,7 +97,9 @@ def test_schema_translate_map_is_in_the_key(tmp_path: Any) -> None:
         dbapi_connection.execute(f"ATTACH DATABASE '{tmp_path}/other.db' AS other")
 
     engine.dispose()
-    things = Table("things", MetaData(), Column("id", Integer, primary_key=True), Column("label", String))
+    things = Table(
+        "things", MetaData(), Column("id", Integer, primary_key=True), Column("label", String)
+    )
     layer = CacheLayer({"default": make_region().configure("dogpile.cache.memory")})
     layer.install(Session)  # the plain Session class in this test only
     try:

@@ -132,7 +132,7 @@ def test_concurrent_misses_run_one_query(env: Any) -> None:
             barrier.wait()
             with env.Session() as s:
                 results.append(s.execute(stmt).all())
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:
             errors.append(err)
 
     threads = [threading.Thread(target=worker) for _ in range(n)]

@@ -63,36 +63,58 @@ def test_stats_keys() -> None:
 
 
 BAD = [
-    ({"cachelayer.regions.default.backend": "no.such.backend"}, "cachelayer.regions.default.backend", "no.such.backend"),
+    (
+        {"cachelayer.regions.default.backend": "no.such.backend"},
+        "cachelayer.regions.default.backend",
+        "no.such.backend",
+    ),
     ({"cachelayer.regions.default.backend": ""}, "cachelayer.regions.default.backend", ""),
     (
-        {"cachelayer.regions.default.backend": "dogpile.cache.memory", "cachelayer.regions.default.expiration_time": "soon"},
+        {
+            "cachelayer.regions.default.backend": "dogpile.cache.memory",
+            "cachelayer.regions.default.expiration_time": "soon",
+        },
         "cachelayer.regions.default.expiration_time",
         "soon",
     ),
     (
-        {"cachelayer.regions.default.backend": "dogpile.cache.memory", "cachelayer.regions.default.expiration_time": "-5"},
+        {
+            "cachelayer.regions.default.backend": "dogpile.cache.memory",
+            "cachelayer.regions.default.expiration_time": "-5",
+        },
         "cachelayer.regions.default.expiration_time",
         "-5",
     ),
     (
-        {"cachelayer.regions.default.backend": "dogpile.cache.memory", "cachelayer.default_region": "missing"},
+        {
+            "cachelayer.regions.default.backend": "dogpile.cache.memory",
+            "cachelayer.default_region": "missing",
+        },
         "cachelayer.default_region",
         "missing",
     ),
     (
-        {"cachelayer.regions.default.backend": "dogpile.cache.memory", "cachelayer.cache_all": "maybe"},
+        {
+            "cachelayer.regions.default.backend": "dogpile.cache.memory",
+            "cachelayer.cache_all": "maybe",
+        },
         "cachelayer.cache_all",
         "maybe",
     ),
     ({"cachelayer.cache_alll": "true"}, "cachelayer.cache_alll", "true"),
-    ({"cachelayer.regions.default.backnd": "dogpile.cache.memory"}, "cachelayer.regions.default.backnd", "dogpile.cache.memory"),
+    (
+        {"cachelayer.regions.default.backnd": "dogpile.cache.memory"},
+        "cachelayer.regions.default.backnd",
+        "dogpile.cache.memory",
+    ),
     ({"cachelayer.regions.default.arguments": "x"}, "cachelayer.regions.default.arguments", "x"),
     ({"cachelayer.breaker_reset_seconds": "later"}, "cachelayer.breaker_reset_seconds", "later"),
 ]
 
 
-@pytest.mark.parametrize(("settings", "key", "value"), BAD, ids=[b[1] + "=" + repr(b[2]) for b in BAD])
+@pytest.mark.parametrize(
+    ("settings", "key", "value"), BAD, ids=[b[1] + "=" + repr(b[2]) for b in BAD]
+)
 def test_bad_settings_name_key_and_value(settings: dict[str, str], key: str, value: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         CacheLayer.from_settings(settings)
@@ -120,7 +142,9 @@ def test_programmatic_validation() -> None:
         CacheLayer({"main": make_region().configure("dogpile.cache.memory")})
     with pytest.raises(ConfigurationError, match="not configured"):
         CacheLayer({"default": make_region()})
-    layer = CacheLayer({"main": make_region().configure("dogpile.cache.memory")}, default_region="main")
+    layer = CacheLayer(
+        {"main": make_region().configure("dogpile.cache.memory")}, default_region="main"
+    )
     assert layer.default_region == "main"
 
 
