@@ -106,7 +106,9 @@ def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
         Base.metadata.create_all(engine)
         if region is None:
             region = make_region().configure("dogpile.cache.memory")
-        layer = scl.CacheLayer({"default": region} if not isinstance(region, dict) else region, **kw)
+        layer = scl.CacheLayer(
+            {"default": region} if not isinstance(region, dict) else region, **kw
+        )
         Session = layer.install(sessionmaker(engine))
         statements: list[str] = []
         checkouts: list[int] = []
@@ -120,6 +122,34 @@ def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
         engine.dispose()
 
 
+BACKENDS = [
+    "dogpile.cache.memory",
+    "sqla_cachelayer.memory",
+    "sqla_cachelayer.sqlite",
+    "dogpile.cache.redis",
+]
+
+
+def region_for(backend: str, request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    """A configured region on ``backend``; Redis uses this worker's own database."""
+    arguments: dict[str, Any] = {}
+    if backend == "sqla_cachelayer.sqlite":
+        arguments["path"] = str(tmp_path / "cache.sqlite")
+    elif backend == "dogpile.cache.redis":
+        arguments["url"] = request.getfixturevalue("redis_db_url")
+        arguments["socket_timeout"] = 2
+    return make_region().configure(backend, arguments=arguments)
+
+
+@pytest.fixture(params=BACKENDS)
+def env(
+    request: pytest.FixtureRequest, make_env: Callable[..., CacheEnv], tmp_path: Any
+) -> CacheEnv:
+    """The behaviour suite's environment, once per backend."""
+    return make_env(region=region_for(request.param, request, tmp_path))
+
+
 @pytest.fixture
-def env(make_env: Callable[..., CacheEnv]) -> CacheEnv:
+def memory_env(make_env: Callable[..., CacheEnv]) -> CacheEnv:
+    """For tests that look inside ``dogpile.cache.memory``'s dict."""
     return make_env()

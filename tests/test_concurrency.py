@@ -92,7 +92,7 @@ def _sqlite_engine(path: Any) -> Any:
 def test_threads_sqlite_memory_region(sqlite_path: Any) -> None:
     engine = _sqlite_engine(sqlite_path)
     layer = scl.CacheLayer({"default": make_region().configure("dogpile.cache.memory")})
-    _, _, stale = _run_workload(engine, layer)
+    reads, hits, stale = _run_workload(engine, layer)
     assert not stale, stale[:5]
     assert hits > 0, "the workload must exercise hits, or it proves nothing"
     assert reads > hits

@@ -113,7 +113,8 @@ def test_schema_translate_map_is_in_the_key(tmp_path: Any) -> None:
         layer.uninstall(Session)
 
 
-def test_keys_have_bounded_length(env: Any) -> None:
+def test_keys_have_bounded_length(memory_env: Any) -> None:
+    env = memory_env
     region = env.layer.regions["default"]
     huge = select(User.id).where(User.id.in_(list(range(5000)))).options(FromCache())
     with env.Session() as s:
