@@ -33,14 +33,14 @@ else:  # the default: tests/ is put on sys.path by pytest
 # Project fixtures: append below this line.
 # ===========================================================================
 
-import dataclasses  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
 
-import pytest  # noqa: E402
-from dogpile.cache import make_region  # noqa: E402
-from sqlalchemy import Engine, create_engine, event  # noqa: E402
-from sqlalchemy.orm import sessionmaker  # noqa: E402
+import pytest
+from dogpile.cache import make_region
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import sessionmaker
 
 
 @dataclasses.dataclass
@@ -86,8 +86,9 @@ def sqlite_real_transactions(engine: Engine) -> None:
 @pytest.fixture
 def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
     """Factory: ``make_env(region=None, url=None, **layer_kw)`` with the test schema seeded."""
-    import sqla_cachelayer as scl
     from _models import Base, seed
+
+    import sqla_cachelayer as scl
 
     engines: list[Engine] = []
 
