@@ -1,0 +1,299 @@
+"""``sqla_cachelayer.memory``: a bounded, thread-safe, in-process LRU backend.
+
+``dogpile.cache.memory`` keeps every value forever in a plain dict; a query
+cache fed by arbitrary statements and parameters needs a bound.  This backend
+is a :class:`cachetools.LRUCache` behind one lock, bounded by a number of
+entries and, optionally, by the approximate size of the stored values::
+
+    from dogpile.cache import make_region
+    import sqla_cachelayer.backends  # registers the backend names
+
+    region = make_region().configure(
+        "sqla_cachelayer.memory",
+        expiration_time=300,
+        arguments={"max_entries": 10_000, "max_bytes": "64MiB"},
+    )
+
+or from settings::
+
+    cachelayer.regions.local.backend = sqla_cachelayer.memory
+    cachelayer.regions.local.arguments.max_entries = 10000
+    cachelayer.regions.local.arguments.max_bytes = 64MiB
+
+Like ``dogpile.cache.memory`` it stores values by reference (no pickling):
+what the cache layer stores are :class:`~dogpile.cache.api.CachedValue`
+objects whose payload is already ``bytes``, so sharing them is safe.
+
+Beside the cache entries the backend keeps *counters*, plain integers that
+the cache layer's invalidation protocol reads and bumps (see
+:meth:`BoundedMemoryBackend.bump_counters`).  They live in a separate dict that
+eviction never touches: losing a counter would let an invalidated entry be
+served again.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from cachetools import LRUCache
+from dogpile.cache.api import (
+    NO_VALUE,
+    BackendFormatted,
+    BackendSetType,
+    CacheBackend,
+    CachedValue,
+)
+
+from sqla_cachelayer.backends._args import check_known, coerce_byte_size, coerce_int
+
+__all__ = ["BoundedMemoryBackend"]
+
+_NAME = "sqla_cachelayer.memory"
+_ARGUMENTS = ("max_entries", "max_bytes")
+
+
+def _value_size(value: Any) -> int:
+    """Approximate size of one stored value, for ``max_bytes``.
+
+    The layer's values are ``CachedValue(payload=bytes, metadata)``; the
+    payload dominates, so only it is counted.  Anything else is charged
+    ``sys.getsizeof`` (shallow, hence approximate).
+    """
+    if isinstance(value, CachedValue):
+        payload = value.payload
+        if isinstance(payload, bytes | bytearray | memoryview):
+            return len(payload)
+        return sys.getsizeof(payload)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value)
+    return sys.getsizeof(value)
+
+
+class _CountingLRU(LRUCache[str, BackendSetType]):
+    """An :class:`LRUCache` that counts the entries it evicts.
+
+    ``cachetools`` evicts by calling :meth:`popitem` from ``__setitem__``;
+    overriding it is the documented extension point.
+    """
+
+    def __init__(
+        self, maxsize: int, getsizeof: Callable[[BackendSetType], float] | None = None
+    ) -> None:
+        super().__init__(maxsize, getsizeof)
+        self.evictions = 0
+
+    def popitem(self) -> tuple[str, BackendSetType]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+class BoundedMemoryBackend(CacheBackend):
+    """In-process LRU cache backend, bounded by entries and optionally bytes.
+
+    Arguments (strings from ini files are coerced; a bad value raises
+    :class:`~sqla_cachelayer.exc.ConfigurationError` naming it):
+
+    ``max_entries``
+        Most entries kept (default 10 000); the least recently used entry
+        is evicted first.
+    ``max_bytes``
+        Optional bound on the summed size of the stored values: ``len()``
+        of a ``bytes`` payload, ``sys.getsizeof`` of anything else.  Accepts
+        units: ``"64MiB"``.  A single value larger than ``max_bytes`` is not
+        stored (and any older value under its key is dropped), counted in
+        :attr:`rejections`.
+
+    Example::
+
+        >>> from dogpile.cache.api import CachedValue, NO_VALUE
+        >>> backend = BoundedMemoryBackend({"max_entries": "2"})
+        >>> for key in ("a", "b", "c"):
+        ...     backend.set(key, CachedValue(b"x", {"ct": 0.0, "v": 2}))
+        >>> backend.get("a") is NO_VALUE, len(backend), backend.evictions
+        (True, 2, 1)
+        >>> backend.bump_counters("seq", ["stamp:users"], floor=0)
+        1
+        >>> backend.read_counters(["seq", "stamp:users", "nope"])
+        [1, 1, None]
+    """
+
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
+        check_known(_NAME, arguments, _ARGUMENTS)
+        max_entries = coerce_int(_NAME, arguments, "max_entries", 10_000)
+        assert max_entries is not None  # it has a default
+        self.max_entries: int = max_entries
+        self.max_bytes: int | None = coerce_byte_size(_NAME, arguments, "max_bytes", None)
+        # One lock guards ``_lru``, ``_counters`` and ``rejections``.  It is
+        # held only across dict operations (plus cachetools' own bookkeeping
+        # and ``len()`` of a payload), never across I/O, pickling or a
+        # callback, so contention stays at the level of a dict lookup.  Reads
+        # need it too: an LRU hit reorders the recency list.
+        self._lock = threading.Lock()
+        if self.max_bytes is None:
+            self._lru = _CountingLRU(self.max_entries)
+        else:
+            # cachetools bounds one measure; bytes are the LRU's own bound
+            # and entries are enforced after each insert (see _store).
+            self._lru = _CountingLRU(self.max_bytes, getsizeof=_value_size)
+        # Counters of the invalidation protocol: never evicted, see module doc.
+        self._counters: dict[str, int] = {}
+        self.rejections = 0
+
+    # -- introspection -----------------------------------------------------
+
+    @property
+    def evictions(self) -> int:
+        """Entries evicted to respect ``max_entries``/``max_bytes`` since creation."""
+        return self._lru.evictions
+
+    @property
+    def current_bytes(self) -> int:
+        """Summed size of the stored values (0 when ``max_bytes`` is not set)."""
+        return int(self._lru.currsize) if self.max_bytes is not None else 0
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of sizes and counters, e.g. for a metrics endpoint.
+
+        >>> BoundedMemoryBackend({}).stats()["entries"]
+        0
+        """
+        with self._lock:
+            return {
+                "entries": len(self._lru),
+                "bytes": self.current_bytes,
+                "evictions": self._lru.evictions,
+                "rejections": self.rejections,
+                "counters": len(self._counters),
+            }
+
+    # -- dogpile backend contract -------------------------------------------
+
+    def get(self, key: str) -> BackendFormatted:
+        """Return the value stored under ``key``, or ``NO_VALUE``."""
+        with self._lock:
+            # try/except rather than Cache.get(): get() costs an extra Python
+            # call on a hit, the case a useful cache optimises for.
+            try:
+                return self._lru[key]
+            except KeyError:
+                return NO_VALUE
+
+    def get_multi(self, keys: Iterable[str]) -> list[BackendFormatted]:
+        """Values for ``keys``, in order, ``NO_VALUE`` for misses."""
+        result: list[BackendFormatted] = []
+        with self._lock:
+            lru = self._lru
+            for key in keys:
+                try:
+                    result.append(lru[key])
+                except KeyError:
+                    result.append(NO_VALUE)
+        return result
+
+    def set(self, key: str, value: BackendSetType) -> None:
+        """Store ``value`` under ``key``, evicting least recently used entries."""
+        with self._lock:
+            self._store(key, value)
+
+    def set_multi(self, mapping: Mapping[str, BackendSetType]) -> None:
+        """Store every item of ``mapping``."""
+        with self._lock:
+            for key, value in mapping.items():
+                self._store(key, value)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error when absent."""
+        with self._lock:
+            self._lru.pop(key, None)
+
+    def delete_multi(self, keys: Iterable[str]) -> None:
+        """Remove every key of ``keys``; no error for absent ones."""
+        with self._lock:
+            for key in keys:
+                self._lru.pop(key, None)
+
+    def _store(self, key: str, value: BackendSetType) -> None:
+        # Caller holds self._lock.
+        lru = self._lru
+        try:
+            lru[key] = value
+        except ValueError:
+            # Larger than max_bytes on its own.  Drop the previous value too:
+            # the caller asked for it to be replaced, so it must not be served.
+            lru.pop(key, None)
+            self.rejections += 1
+            return
+        if self.max_bytes is not None:
+            while len(lru) > self.max_entries:
+                lru.popitem()
+
+    # -- counters of the invalidation protocol ------------------------------
+
+    def get_with_counters(
+        self, key: str, counter_keys: Sequence[str]
+    ) -> tuple[BackendFormatted, list[int | None]]:
+        """The value under ``key`` (or ``NO_VALUE``) and counters, read atomically.
+
+        Both are read under the one lock, so no :meth:`bump_counters` can fall
+        between them.
+
+        >>> backend = BoundedMemoryBackend({})
+        >>> backend.get_with_counters("k", ["seq"])
+        (<dogpile.cache.api.NoValue object>, [None])
+        """
+        with self._lock:
+            value: BackendFormatted
+            try:
+                value = self._lru[key]
+            except KeyError:
+                value = NO_VALUE
+            counters = self._counters
+            return value, [counters.get(k) for k in counter_keys]
+
+    def bump_counters(self, seq_key: str, stamp_keys: Sequence[str], floor: int) -> int:
+        """Atomically advance a sequence and raise stamps to it; return the sequence.
+
+        ``seq = max(seq + 1, floor)`` (a missing ``seq`` counts as 0), then
+        every stamp becomes ``max(stamp, seq)`` (created when missing).
+
+        >>> backend = BoundedMemoryBackend({})
+        >>> backend.bump_counters("seq", ["a"], floor=10), backend.bump_counters("seq", [], 0)
+        (10, 11)
+        >>> backend.read_counters(["a"])
+        [10]
+        """
+        with self._lock:
+            counters = self._counters
+            seq = max(counters.get(seq_key, 0) + 1, floor)
+            counters[seq_key] = seq
+            for stamp_key in stamp_keys:
+                current = counters.get(stamp_key)
+                if current is None or current < seq:
+                    counters[stamp_key] = seq
+            return seq
+
+    def add_counters(self, keys: Sequence[str], value: int) -> None:
+        """Create each counter of ``keys`` with ``value`` where absent; never overwrite.
+
+        >>> backend = BoundedMemoryBackend({})
+        >>> backend.add_counters(["a"], 5); backend.add_counters(["a", "b"], 7)
+        >>> backend.read_counters(["a", "b"])
+        [5, 7]
+        """
+        with self._lock:
+            counters = self._counters
+            for key in keys:
+                counters.setdefault(key, value)
+
+    def read_counters(self, keys: Sequence[str]) -> list[int | None]:
+        """Current values of ``keys``, ``None`` for counters that do not exist."""
+        with self._lock:
+            counters = self._counters
+            return [counters.get(k) for k in keys]
