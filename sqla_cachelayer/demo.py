@@ -725,7 +725,7 @@ def format_report(report: DemoReport) -> str:
         f"hit ratio       {report.hit_ratio:.1%} ({report.hits:,} hits of {report.reads:,} "
         "cached reads)",
         "",
-        "median latency per read, fresh session each time (us):",
+        "median latency per read, fresh session each time (µs):",
         f"  {'query kind':<18}{'reads':>7}{'hit ratio':>11}{'cached hit':>12}"
         f"{'cached miss':>13}{'uncached':>10}{'hit speed-up':>14}",
     ]
