@@ -468,7 +468,6 @@ def _is_async_factory(session_factory: object) -> bool:
 def run_in_transaction(
     session_factory: Callable[[], AsyncSession],
     fn: Callable[[AsyncSession], Awaitable[T]],
-    /,
     *,
     attempts: int = ...,
     base_delay: float = ...,
@@ -484,7 +483,6 @@ def run_in_transaction(
 def run_in_transaction(
     session_factory: Callable[[], Session],
     fn: Callable[[Session], T],
-    /,
     *,
     attempts: int = ...,
     base_delay: float = ...,
@@ -500,7 +498,6 @@ def run_in_transaction(
 def run_in_transaction(
     session_factory: Callable[[], AsyncSession],
     fn: None = ...,
-    /,
     *,
     attempts: int = ...,
     base_delay: float = ...,
@@ -516,7 +513,6 @@ def run_in_transaction(
 def run_in_transaction(
     session_factory: Callable[[], Session],
     fn: None = ...,
-    /,
     *,
     attempts: int = ...,
     base_delay: float = ...,
@@ -531,7 +527,6 @@ def run_in_transaction(
 def run_in_transaction(
     session_factory: Callable[[], Any],
     fn: Callable[[Any], Any] | None = None,
-    /,
     *,
     attempts: int = 5,
     base_delay: float = 0.02,
@@ -623,7 +618,6 @@ def run_in_transaction(
 def run_in_transaction_async(
     session_factory: Callable[[], AsyncSession],
     fn: Callable[[AsyncSession], Awaitable[T]],
-    /,
     *,
     attempts: int = ...,
     base_delay: float = ...,
@@ -639,7 +633,6 @@ def run_in_transaction_async(
 def run_in_transaction_async(
     session_factory: Callable[[], AsyncSession],
     fn: None = ...,
-    /,
     *,
     attempts: int = ...,
     base_delay: float = ...,
@@ -654,7 +647,6 @@ def run_in_transaction_async(
 def run_in_transaction_async(
     session_factory: Callable[[], AsyncSession],
     fn: Callable[[AsyncSession], Awaitable[Any]] | None = None,
-    /,
     *,
     attempts: int = 5,
     base_delay: float = 0.02,

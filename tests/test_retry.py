@@ -244,7 +244,13 @@ def test_decorator_form_and_fresh_session_each_attempt(
     sessions: list[Session] = []
     stats = RetryStats()
 
-    @run_in_transaction(factory, retry_on=release_after(blocker, 1, seen), stats=stats, **FAST)
+    @run_in_transaction(
+        factory,
+        retry_on=release_after(blocker, 1, seen),
+        stats=stats,
+        base_delay=0.0005,
+        max_delay=0.002,
+    )
     def add_note(session: Session, text_value: str, *, times: int = 1) -> str:
         sessions.append(session)
         session.add(Note(text=text_value))
@@ -371,7 +377,9 @@ def test_async_retry_on_sqlite_lock(sqlite_path: Path) -> None:
         blocker = Blocker(sqlite_path)
         seen = []
 
-        @run_in_transaction_async(factory, retry_on=release_after(blocker, 2, seen), **FAST)
+        @run_in_transaction_async(
+            factory, retry_on=release_after(blocker, 2, seen), base_delay=0.0005, max_delay=0.002
+        )
         async def add(session: AsyncSession, amount: int) -> int:
             counter = await session.get(Counter, 1)
             assert counter is not None
