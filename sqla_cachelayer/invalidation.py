@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -152,11 +153,23 @@ class StampStore(ABC):
 class LocalStampStore(StampStore):
     """Counters in this process, for backends that are themselves per-process."""
 
+    # one counter dict per backend object, shared by every layer using it;
+    # _shared_lock guards this registry only
+    _shared: weakref.WeakKeyDictionary[Any, tuple[threading.Lock, dict[str, int]]] = (
+        weakref.WeakKeyDictionary()
+    )
+    _shared_lock = threading.Lock()
+
     def __init__(self, region: CacheRegion, namespace: str) -> None:
         super().__init__(region, namespace)
-        # guards _counters for bumps and adds; reads are single dict lookups
-        self._lock = threading.Lock()
-        self._counters: dict[str, int] = {}
+        backend = region.actual_backend
+        with LocalStampStore._shared_lock:
+            found = LocalStampStore._shared.get(backend)
+            if found is None:
+                found = (threading.Lock(), {})
+                LocalStampStore._shared[backend] = found
+        # _lock guards _counters for bumps and adds; reads are single dict lookups
+        self._lock, self._counters = found
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         counters = self._counters

@@ -129,16 +129,23 @@ def _encode_structure(obj: Any, out: list[str]) -> None:
         out.append(f"local:{_PROCESS_NONCE}:{next(_local_labels)},")
 
 
-def _encode_value(value: Any, out: list[bytes]) -> None:
-    t = type(value)
-    if t in _SCALARS or t in (
+# values keyed by their repr (exact types: a subclass may repr differently)
+_REPR_VALUE_TYPES: Final = frozenset(
+    (
+        *_SCALARS,
         decimal.Decimal,
         datetime.datetime,
         datetime.date,
         datetime.time,
         datetime.timedelta,
         uuid.UUID,
-    ):
+    )
+)
+
+
+def _encode_value(value: Any, out: list[bytes]) -> None:
+    t = type(value)
+    if t in _REPR_VALUE_TYPES:
         out.append(f"{t.__name__}:{value!r}|".encode())
     elif t is tuple or t is list:
         out.append(b"(")

@@ -40,7 +40,14 @@ from . import keys as _keys
 from .exc import ConfigurationError
 from .invalidation import ALL_TABLES, ANY_TABLE, Lookup, StampStore, store_for_region
 from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache
-from .records import NotRecordable, dump_record, load_record, record_from_frozen
+from .records import (
+    BadSignature,
+    NotRecordable,
+    Signer,
+    dump_record,
+    load_record,
+    record_from_frozen,
+)
 from .records import result_from_record as _result_from_record
 from .settings import EMBEDDED_BACKEND, RegionSettings, build_region, parse_settings
 from .stats import Stats
@@ -128,6 +135,7 @@ class CacheLayer:
         cache_all: bool = False,
         namespace: str = "scl",
         breaker_reset_seconds: float = 5.0,
+        signing_key: str | bytes | None = None,
         metadata_memo_size: int = 2000,
     ) -> None:
         if regions is None:
@@ -162,6 +170,9 @@ class CacheLayer:
         self.cache_all = bool(cache_all)
         self.namespace = namespace
         self.breaker_reset_seconds = float(breaker_reset_seconds)
+        if isinstance(signing_key, str):
+            signing_key = signing_key.encode()
+        self._signer = Signer(signing_key) if signing_key else None
         self._states = {
             name: _RegionState(name, region, namespace, i)
             for i, (name, region) in enumerate(regions.items())
@@ -208,6 +219,7 @@ class CacheLayer:
             "cache_all": parsed.cache_all,
             "namespace": parsed.namespace,
             "breaker_reset_seconds": parsed.breaker_reset_seconds,
+            "signing_key": parsed.signing_key,
         }
         options.update(kwargs)
         return cls(regions, **options)
@@ -612,7 +624,14 @@ class CacheLayer:
         if found.payload is None:
             return None
         try:
-            record = load_record(found.payload)
+            payload = found.payload
+            if self._signer is not None:
+                payload = self._signer.verify(payload)
+            record = load_record(payload)
+        except BadSignature as err:
+            self._stats.incr("errors")
+            log.error("sqla_cachelayer: region %r: %s; entry ignored", rs.name, err)
+            return None
         except Exception:
             self._stats.incr("stale")
             return None
@@ -734,6 +753,8 @@ class CacheLayer:
         try:
             record = record_from_frozen(frozen, marker, snapshot_seq, tables)
             payload = dump_record(record)
+            if self._signer is not None:
+                payload = self._signer.sign(payload)
         except (NotRecordable, Exception) as err:
             log.debug("sqla_cachelayer: result not recordable: %s", err)
             stats.incr("not_stored")

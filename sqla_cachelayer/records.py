@@ -5,15 +5,25 @@ loaders) and hands the user ``frozen()``, as SQLAlchemy's caching example does.
 What is stored is not the objects but a compact *record*:
 
 * the rows, where each mapped object is replaced by an index into
-* the objects: class, identity key, the column attributes the query loaded, and
-  the relationships its eager loaders filled (as indexes again);
-* the result's metadata and attributes.
+* the objects: class, identity key, the column attributes the query loaded (a
+  tuple of values, named by one of the record's *layouts*: tuples of attribute
+  names, stored once per record), and the relationships its eager loaders
+  filled (as indexes again);
+* the result's metadata (pickled separately and unpickled only when the layer
+  has no copy of it yet) and attributes.
 
 A hit unpickles the record and attaches its objects straight into the session's
 identity map as persistent objects -- the way the ORM's own loader does, without
 ``Session.merge`` -- then rebuilds the rows. An object the session already holds
 is the one returned, and keeps its attributes and pending changes; only its
 unloaded attributes are filled in, as a database load would.
+
+Backends that hand back the stored ``bytes`` object itself (the in-process
+ones) let a hit skip the unpickling: :func:`load_record` keeps the last few
+decoded records, keyed by the identity of their payload, and reuses one when
+every value it holds is immutable (numbers, strings, dates ...), so sharing it
+between sessions is indistinguishable from a fresh copy. A record holding any
+other value (a JSON document, a list) is decoded afresh on every hit.
 
 Only objects this query itself loaded can be recorded: if the result contains
 an object the session held before (its attributes may come from an older load),
@@ -22,8 +32,15 @@ the miss is served but not stored (``MissOnly``).
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
+import hmac
 import pickle
 import time
+import uuid
+from collections.abc import Callable
+from operator import itemgetter
 from typing import Any, Final
 
 from sqlalchemy import util
@@ -34,9 +51,17 @@ from sqlalchemy.orm.state import InstanceState
 
 from .keys import BoundedMemo
 
-__all__ = ["NotRecordable", "Record", "dump_record", "load_record", "record_from_frozen"]
+__all__ = [
+    "BadSignature",
+    "NotRecordable",
+    "Record",
+    "Signer",
+    "dump_record",
+    "load_record",
+    "record_from_frozen",
+]
 
-_FORMAT: Final = 1
+_FORMAT: Final = 2
 
 
 class NotRecordable(Exception):
@@ -44,13 +69,20 @@ class NotRecordable(Exception):
 
 
 class Record:
-    """One cached result, as stored (pickled) in the backend."""
+    """One cached result, as stored (pickled) in the backend.
+
+    ``objects`` holds one ``(class, identity key, layout index, values,
+    relationships)`` tuple per mapped object; ``layouts[layout index]`` names
+    the values.
+    """
 
     __slots__ = (
+        "_metadata",
+        "_metadata_blob",
         "attributes",
         "created",
         "entity_positions",
-        "metadata",
+        "layouts",
         "objects",
         "rows",
         "scalars_source",
@@ -65,29 +97,47 @@ class Record:
         scalars_source: bool,
         rows: list[Any],
         entity_positions: tuple[int, ...],
+        layouts: list[tuple[str, ...]],
         objects: list[tuple[Any, ...]],
         seq: int,
         tables: tuple[str, ...],
         created: float,
     ) -> None:
-        self.metadata = metadata
+        self._metadata: ResultMetaData | None = metadata
+        self._metadata_blob: bytes | None = None
         self.attributes = attributes
         self.scalars_source = scalars_source
         self.rows = rows
         self.entity_positions = entity_positions
+        self.layouts = layouts
         self.objects = objects
         self.seq = seq
         self.tables = tables
         self.created = created
 
+    @property
+    def metadata(self) -> ResultMetaData:
+        """The result's metadata, unpickled on first use."""
+        found = self._metadata
+        if found is None:
+            assert self._metadata_blob is not None
+            found = self._metadata = pickle.loads(self._metadata_blob)
+        return found
+
     def __getstate__(self) -> tuple[Any, ...]:
+        blob = self._metadata_blob
+        if blob is None:
+            blob = self._metadata_blob = pickle.dumps(
+                self._metadata, protocol=pickle.HIGHEST_PROTOCOL
+            )
         return (
             _FORMAT,
-            self.metadata,
+            blob,
             self.attributes,
             self.scalars_source,
             self.rows,
             self.entity_positions,
+            self.layouts,
             self.objects,
             self.seq,
             self.tables,
@@ -99,27 +149,128 @@ class Record:
             raise NotRecordable("record format changed")
         (
             _,
-            self.metadata,
+            self._metadata_blob,
             self.attributes,
             self.scalars_source,
             self.rows,
             self.entity_positions,
+            self.layouts,
             self.objects,
             self.seq,
             self.tables,
             self.created,
         ) = state
+        self._metadata = None
+
+
+class BadSignature(Exception):
+    """A stored value whose signature does not match: never unpickled."""
+
+
+class Signer:
+    """HMAC-SHA256 over stored values, so a backend others can write to cannot
+    make this process unpickle what they wrote (``cachelayer.signing_key``)."""
+
+    __slots__ = ("_key",)
+
+    SIZE: Final = 32
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("a signing key needs at least 16 bytes")
+        self._key = key
+
+    def sign(self, payload: bytes) -> bytes:
+        return hmac.digest(self._key, payload, "sha256") + payload
+
+    def verify(self, signed: bytes) -> bytes:
+        mac, payload = signed[: self.SIZE], signed[self.SIZE :]
+        if not hmac.compare_digest(mac, hmac.digest(self._key, payload, "sha256")):
+            raise BadSignature("cached value has a bad signature (wrong key, or tampered with)")
+        return payload
 
 
 def dump_record(record: Record) -> bytes:
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+# payload identity -> (payload, decoded record, shareable: None until asked)
+_decoded: BoundedMemo[int, tuple[bytes, Record, bool | None]] = BoundedMemo(256)
+#: payloads above this size are never kept decoded (bounds the memo's memory)
+_DECODED_MAX_BYTES: Final = 64 * 1024
+
+
 def load_record(payload: bytes) -> Record:
+    """Unpickle a record; reuse a decoded one for the very same immutable payload.
+
+    The memo holds a reference to each payload it keys, so an ``id`` in it
+    cannot be reused by another object while the entry lives.
+    """
+    found = _decoded.get(id(payload))
+    if found is not None and found[0] is payload:
+        shareable = found[2]
+        if shareable is None:
+            shareable = _shareable(found[1])
+            _decoded.put(id(payload), (payload, found[1], shareable))
+        if shareable:
+            return found[1]
+        return _decode(payload)
+    record = _decode(payload)
+    if type(payload) is bytes and len(payload) <= _DECODED_MAX_BYTES:
+        _decoded.put(id(payload), (payload, record, None))
+    return record
+
+
+def _decode(payload: bytes) -> Record:
     record = pickle.loads(payload)
     if not isinstance(record, Record):
         raise NotRecordable("payload is not a record")
     return record
+
+
+_IMMUTABLE_TYPES: Final = frozenset(
+    (
+        int,
+        float,
+        str,
+        bytes,
+        bool,
+        type(None),
+        decimal.Decimal,
+        datetime.date,
+        datetime.timedelta,
+        uuid.UUID,
+    )
+)
+
+
+def _immutable(value: Any) -> bool:
+    """Can this value be shared between sessions without anyone telling?"""
+    t = type(value)
+    if t in _IMMUTABLE_TYPES:
+        return True
+    if t is datetime.datetime or t is datetime.time:
+        tz = value.tzinfo
+        return tz is None or type(tz) is datetime.timezone
+    if t is tuple or t is frozenset:
+        return all(_immutable(v) for v in value)
+    return isinstance(value, enum.Enum)  # members are singletons, pickled by name
+
+
+def _shareable(record: Record) -> bool:
+    """True when every value a hit hands out from ``record`` is immutable."""
+    for _cls, _key, _layout_index, values, _rels in record.objects:
+        for value in values:
+            if not _immutable(value):
+                return False
+    positions = record.entity_positions
+    if record.scalars_source:
+        return bool(positions) or all(_immutable(v) for v in record.rows)
+    for row in record.rows:
+        for i, value in enumerate(row):
+            if i not in positions and not _immutable(value):
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -145,6 +296,15 @@ def _state_of(value: Any) -> InstanceState[Any] | None:
     return getattr(value, "_sa_instance_state", None)
 
 
+def _values_getter(columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``dict_ -> tuple of the columns' values``; raises ``KeyError`` if one is unloaded."""
+    if len(columns) == 1:
+        only = columns[0]
+        return lambda dict_: (dict_[only],)
+    getter: Callable[[dict[str, Any]], tuple[Any, ...]] = itemgetter(*columns)
+    return getter
+
+
 # --------------------------------------------------------------------------
 # capture (miss path)
 
@@ -158,6 +318,20 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
     index: dict[int, int] = {}
     objects: list[tuple[Any, ...]] = []
     pending: list[tuple[int, InstanceState[Any], tuple[str, ...]]] = []
+    layouts: list[tuple[str, ...]] = []
+    layout_ids: dict[tuple[str, ...], int] = {}
+    # class -> (all its columns, their getter, the layout index of all of them, relationships)
+    per_class: dict[
+        type,
+        tuple[tuple[str, ...], Callable[[dict[str, Any]], tuple[Any, ...]], int, tuple[str, ...]],
+    ] = {}
+
+    def layout_id(names: tuple[str, ...]) -> int:
+        found = layout_ids.get(names)
+        if found is None:
+            found = layout_ids[names] = len(layouts)
+            layouts.append(names)
+        return found
 
     def ref(value: Any) -> int | None:
         if value is None:
@@ -172,15 +346,26 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         if state.key is None or runid is None or runid <= fresh_after:
             raise NotRecordable("result holds an object loaded before this query")
         cls = type(value)
-        columns, rels, _ = _layout(cls)
+        known = per_class.get(cls)
+        if known is None:
+            columns, rels, _ = _layout(cls)
+            known = per_class[cls] = (columns, _values_getter(columns), layout_id(columns), rels)
+        columns, getter, lid, rels = known
         dict_ = state.dict
-        values = {k: dict_[k] for k in columns if k in dict_}
+        try:
+            values = getter(dict_)
+        except KeyError:
+            # some columns not loaded (deferred, a subclass's table): record those that are
+            names = tuple(k for k in columns if k in dict_)
+            lid = layout_id(names)
+            values = tuple(dict_[k] for k in names)
         position = len(objects)
         index[id(state)] = position
-        objects.append((cls, state.key, values, None))
-        loaded_rels = tuple(k for k in rels if k in dict_)
-        if loaded_rels:
-            pending.append((position, state, loaded_rels))
+        objects.append((cls, state.key, lid, values, None))
+        if rels:
+            loaded_rels = tuple(k for k in rels if k in dict_)
+            if loaded_rels:
+                pending.append((position, state, loaded_rels))
         return position
 
     data = frozen.data
@@ -226,8 +411,8 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
                     rel_values[key] = [ref(v) for v in _members(value)]
                 except TypeError as err:
                     raise NotRecordable(f"cannot record relationship {key}") from err
-        cls, key, values, _ = objects[position]
-        objects[position] = (cls, key, values, rel_values)
+        cls, key, lid, values, _ = objects[position]
+        objects[position] = (cls, key, lid, values, rel_values)
 
     return Record(
         metadata=frozen.metadata,
@@ -235,6 +420,7 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         scalars_source=bool(frozen._source_supports_scalars),
         rows=rows,
         entity_positions=positions,
+        layouts=layouts,
         objects=objects,
         seq=seq,
         tables=tables,
@@ -259,7 +445,7 @@ def result_from_record(
     load_options: tuple[Any, ...],
 ) -> Result[Any]:
     """Attach the record's objects to ``session`` and return a result of its rows."""
-    objs = _attach(session, record.objects, load_options) if record.objects else []
+    objs = _attach(session, record, load_options) if record.objects else []
     rows = record.rows
     positions = record.entity_positions
     if positions:
@@ -284,10 +470,12 @@ def result_from_record(
     return result
 
 
-def _attach(
-    session: Session, records: list[tuple[Any, ...]], load_options: tuple[Any, ...]
-) -> list[Any]:
+def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> list[Any]:
+    records = record.objects
+    layouts = record.layouts
     identity_map = session.identity_map
+    in_map = identity_map.get
+    add_unpresent = identity_map._add_unpresent
     session_id = session.hash_key
     objs: list[Any] = []
     fresh: list[bool] = []
@@ -295,41 +483,54 @@ def _attach(
     session_dispatch = session.dispatch
     persistent_evt = bool(session_dispatch.loaded_as_persistent)
     append = objs.append
-    for cls, key, values, _ in records:
-        existing = identity_map.get(key)
+    append_fresh = fresh.append
+    # class -> (mapper, new_instance, has load listeners); (class, layout) -> unloaded columns
+    per_class: dict[type, tuple[Mapper[Any], Callable[[], Any], bool]] = {}
+    unloaded: dict[tuple[type, int], tuple[str, ...]] = {}
+    for cls, key, lid, values, _ in records:
+        existing = in_map(key)
         if existing is not None:
             state = instance_state(existing)
-            missing = [k for k in values if k not in state.dict]
+            dict_ = state.dict
+            missing = [k for k in layouts[lid] if k not in dict_]
             if missing:
                 # an expired or unloaded attribute: a database load would fill it
-                dict_ = state.dict
+                named = dict(zip(layouts[lid], values, strict=True))
                 for k in missing:
-                    dict_[k] = values[k]
+                    dict_[k] = named[k]
                 state._commit(dict_, missing)
             append(existing)
-            fresh.append(False)
+            append_fresh(False)
             continue
-        columns, _rels, mapper = _layout(cls)
-        manager = mapper.class_manager
-        obj = manager.new_instance()
+        known = per_class.get(cls)
+        if known is None:
+            mapper = _layout(cls)[2]
+            manager = mapper.class_manager
+            known = per_class[cls] = (mapper, manager.new_instance, bool(manager.dispatch.load))
+        mapper, new_instance, has_load = known
+        obj = new_instance()
         state = obj._sa_instance_state
-        obj.__dict__.update(values)
-        if len(values) != len(columns):
+        names = layouts[lid]
+        obj.__dict__.update(zip(names, values, strict=True))
+        expire = unloaded.get((cls, lid))
+        if expire is None:
+            expire = unloaded[(cls, lid)] = tuple(k for k in _layout(cls)[0] if k not in names)
+        if expire:
             # columns this query did not load (a subclass's table, deferred
             # ones): as after a database load, they load on first access
-            state.expired_attributes.update(k for k in columns if k not in values)
+            state.expired_attributes.update(expire)
         state.key = key
         state.identity_token = key[2]
         state.session_id = session_id
         if load_options:
             state.load_options = load_options
             state.load_path = mapper._path_registry
-        identity_map._add_unpresent(state, key)
+        add_unpresent(state, key)
         append(obj)
-        fresh.append(True)
-        if manager.dispatch.load:
+        append_fresh(True)
+        if has_load:
             load_events.append(state)
-    for position, (_, _, _, rel_values) in enumerate(records):
+    for position, (_, _, _, _, rel_values) in enumerate(records):
         if not rel_values:
             continue
         obj = objs[position]

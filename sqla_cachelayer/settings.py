@@ -32,6 +32,7 @@ _LAYER_KEYS = {
     "cache_all",
     "namespace",
     "breaker_reset_seconds",
+    "signing_key",
 }
 
 
@@ -97,6 +98,7 @@ class LayerSettings:
     cache_all: bool = False
     namespace: str = "scl"
     breaker_reset_seconds: float = 5.0
+    signing_key: str | None = None
 
 
 def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> LayerSettings:
@@ -165,6 +167,15 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
         seconds = coerce_seconds(*layer["breaker_reset_seconds"], allow_none=False)
         assert seconds is not None
         result.breaker_reset_seconds = seconds
+    if "signing_key" in layer:
+        key, value = layer["signing_key"]
+        text = str(value)
+        if len(text.encode()) < 16:
+            # the value is a secret: name the key, never echo the value
+            raise ConfigurationError(
+                f"{key} = <hidden>: a signing key needs at least 16 bytes", key=key, value=None
+            )
+        result.signing_key = text
     return result
 
 
