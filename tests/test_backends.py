@@ -588,6 +588,61 @@ def test_processes_see_each_others_writes(tmp_path: Path) -> None:
     _run_processes(_ping_pong_worker, 2, str(tmp_path / "c.db"), 50)
 
 
+def _fresh_counter_writer(path: str, acknowledged: Any, bumps: int, barrier: Any) -> None:
+    backend = SQLiteFileBackend({"path": path, "touch_interval": 0})
+    barrier.wait()
+    for _ in range(bumps):
+        acknowledged.value = backend.bump_counters("seq", ["stamp"], 0)
+
+
+def _fresh_counter_reader(
+    path: str, acknowledged: Any, done: Any, barrier: Any, outdir: str, index: int
+) -> None:
+    # Reads, writes and queued touches interleaved on one long-lived
+    # connection: none of them may leave a snapshot open.
+    backend = SQLiteFileBackend({"path": path, "touch_interval": 0})
+    rng = random.Random(index)
+    stale: list[str] = []
+    reads = 0
+    barrier.wait()
+    while not done.is_set():
+        floor = acknowledged.value
+        key = f"k{rng.randrange(100)}"
+        value, (seq, stamp) = backend.get_with_counters(key, ["seq", "stamp"])
+        reads += 1
+        if floor and (stamp is None or stamp < floor or seq is None or seq < floor):
+            stale.append(f"read seq={seq} stamp={stamp} after {floor} was acknowledged")
+        if value is NO_VALUE or rng.random() < 0.2:
+            backend.set_serialized(key, rng.randbytes(300))
+    (Path(outdir) / f"reader{index}.json").write_text(json.dumps([reads, stale[:5], len(stale)]))
+
+
+@pytest.mark.slow
+def test_processes_never_read_counters_older_than_acknowledged(tmp_path: Path) -> None:
+    path, readers = str(tmp_path / "c.db"), 3
+    acknowledged = _SPAWN.Value("q", 0, lock=False)
+    done = _SPAWN.Event()
+    barrier = _SPAWN.Barrier(readers + 1)
+    procs = [
+        _SPAWN.Process(
+            target=_fresh_counter_reader,
+            args=(path, acknowledged, done, barrier, str(tmp_path), i),
+        )
+        for i in range(readers)
+    ]
+    writer = _SPAWN.Process(target=_fresh_counter_writer, args=(path, acknowledged, 3000, barrier))
+    for proc in [*procs, writer]:
+        proc.start()
+    writer.join(_PROC_TIMEOUT)
+    done.set()
+    for proc in procs:
+        proc.join(_PROC_TIMEOUT)
+    assert [p.exitcode for p in [writer, *procs]] == [0] * (readers + 1)
+    reports = [json.loads((tmp_path / f"reader{i}.json").read_text()) for i in range(readers)]
+    assert all(reads > 0 for reads, _, _ in reports)
+    assert [stale for _, stale, _ in reports] == [[]] * readers
+
+
 def _fork_child(path: str) -> None:
     backend = _FORKED["backend"]
     assert backend.get_serialized("before-fork") == b"parent"
