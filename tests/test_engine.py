@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import Integer, create_engine, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -366,6 +367,11 @@ def test_execution_option_overrides_begin_mode(sqlite_path: Path) -> None:
     engine.dispose()
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in sqlalchemy.__version__.split(".")[:3] if part.isdigit())
+    < (2, 0, 43),
+    reason="skip_autocommit_rollback arrived in SQLAlchemy 2.0.43",
+)
 def test_skip_autocommit_rollback_cannot_leak_begin(sqlite_path: Path) -> None:
     # pysqlite reports isolation_level=None as autocommit, so with this flag
     # SQLAlchemy skips the DBAPI rollback; the BEGIN IMMEDIATE must not stay open.
