@@ -752,6 +752,14 @@ def async_engine_from_config(
     from sqlalchemy.ext.asyncio import create_async_engine
 
     plan = _plan(settings, prefix, kwargs, is_async=True)
+    if not plan.url.get_dialect(_is_async=True).is_async:
+        key = prefix + "url"
+        raise ConfigurationError(
+            f"{key}: {plan.url.drivername!r} has no asyncio driver; "
+            "use engine_from_config() or an async driver such as sqlite+aiosqlite",
+            key=key,
+            value=str(plan.url),
+        )
     if plan.is_sqlite and plan.options.get("poolclass") is sa_pool.QueuePool:
         plan.options["poolclass"] = sa_pool.AsyncAdaptedQueuePool
     engine: AsyncEngine = _create(plan, prefix, create_async_engine)

@@ -515,6 +515,15 @@ def test_async_engine_pragmas_and_begin(sqlite_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_async_engine_rejects_sync_driver(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"^sqlalchemy\.url: "):
+        async_engine_from_config({"sqlalchemy.url": file_url(tmp_path)})
+    with pytest.raises(ConfigurationError, match=r"^sqlalchemy\.pool_size: "):
+        async_engine_from_config(
+            {"sqlalchemy.url": "sqlite+aiosqlite:///x.db", "sqlalchemy.pool_size": "many"}
+        )
+
+
 def test_async_memory_engine() -> None:
     pytest.importorskip("aiosqlite")
     pytest.importorskip("greenlet")
