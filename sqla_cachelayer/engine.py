@@ -296,10 +296,6 @@ _ISOLATION_LEVELS: Final[Mapping[str, frozenset[str]]] = {
     ),
 }
 
-_POOL_ARGS: Final = frozenset(
-    {"pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_pre_ping", "pool_use_lifo"}
-)
-
 
 # --- pool defaults ---------------------------------------------------------------------------
 
