@@ -47,6 +47,7 @@ made atomic:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -72,6 +73,9 @@ __all__ = [
 ALL_TABLES = "*all*"
 #: pseudo-table bumped by every write; read by entries whose tables are unknown
 ANY_TABLE = "*any*"
+
+
+log = logging.getLogger("sqla_cachelayer")
 
 
 def _floor() -> int:
@@ -257,17 +261,21 @@ class RedisStampStore(StampStore):
     """
 
     def __init__(self, region: CacheRegion, namespace: str) -> None:
-        super().__init__(region, namespace)
+        # a hash tag puts seq and every stamp of the region in one cluster slot,
+        # so the Lua bump (several keys) also runs on Redis Cluster
+        super().__init__(region, "{" + namespace + "}")
         actual = region.actual_backend
         self._writer = getattr(actual, "writer_client", None) or actual.client
         self._reader = getattr(actual, "reader_client", None) or self._writer
         self._script = self._writer.register_script(_BUMP_LUA)
+        # entries live in other slots: a cluster client splits the read by node
+        self._mget = getattr(self._reader, "mget_nonatomic", None) or self._reader.mget
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
         if entry_key is not None:
             keys.append(entry_key)
-        values = self._reader.mget(keys)
+        values = list(self._mget(keys))
         payload = None
         if entry_key is not None:
             raw = values.pop()
@@ -370,4 +378,11 @@ def store_for_region(region: CacheRegion, namespace: str) -> StampStore:
         return LocalStampStore(region, namespace)
     if module.startswith("dogpile.cache.backends.redis") and hasattr(actual, "writer_client"):
         return RedisStampStore(region, namespace)
+    if actual.get_mutex(f"{namespace}:seq") is None:
+        log.warning(
+            "sqla_cachelayer: backend %s has no distributed lock; invalidation is atomic "
+            "within this process only. If other processes share this backend, enable its "
+            "distributed lock (e.g. arguments.distributed_lock = true).",
+            type(actual).__name__,
+        )
     return MutexStampStore(region, namespace)

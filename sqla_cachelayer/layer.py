@@ -367,24 +367,50 @@ class CacheLayer:
     def _committed(self, tables: frozenset[str]) -> None:
         self._bump(tables)
 
+    #: pauses before the second and third attempt of a failed invalidation
+    BUMP_RETRY_DELAYS: tuple[float, ...] = (0.01, 0.05)
+    #: a failed attempt slower than this was a timeout, and is not retried at once
+    BUMP_RETRY_SLOW = 0.2
+
     def _bump(self, tables: frozenset[str]) -> None:
-        names = sorted(tables | {ANY_TABLE})
+        """Write an invalidation to every region; never skipped, never raises.
+
+        Unlike reads, an invalidation is attempted even while a region's breaker
+        is open: another process may be reading that backend right now, and
+        only this write keeps it from serving an entry older than the commit.
+        A failed write is retried at once (twice, after short pauses; once when
+        the breaker is already open) and otherwise kept to be replayed with the
+        next invalidation or before this process reads the region again.
+        """
+        names = set(tables | {ANY_TABLE})
         self._stats.incr("invalidations")
         for rs in self._state_list:
             with rs.lock:
-                if rs.pending or time.monotonic() < rs.down_until:
-                    # keep order: earlier failed bumps first; one replay carries all
-                    rs.pending.update(names)
+                todo = sorted(rs.pending | names)
+                broken = time.monotonic() < rs.down_until
+            delays = () if broken else self.BUMP_RETRY_DELAYS
+            error: BaseException | None = None
+            for delay in (0.0, *delays):
+                if delay:
+                    time.sleep(delay)
+                started = time.monotonic()
+                try:
+                    seq = rs.store.bump(todo)
+                except Exception as err:
+                    error = err
+                    if time.monotonic() - started > self.BUMP_RETRY_SLOW:
+                        break  # a timeout, not a hiccup: retrying would only wait again
                     continue
-            try:
-                seq = rs.store.bump(names)
-            except Exception as err:
-                self._backend_error(rs, "invalidate", err)
                 with rs.lock:
-                    rs.pending.update(names)
-            else:
+                    rs.pending.difference_update(todo)
                 if seq > rs.last_seen:
                     rs.last_seen = seq
+                error = None
+                break
+            if error is not None:
+                self._backend_error(rs, "invalidate", error)
+                with rs.lock:
+                    rs.pending.update(todo)
 
     def _usable(self, rs: _RegionState) -> bool:
         """May this region be read now? Replays failed invalidations first (G5)."""

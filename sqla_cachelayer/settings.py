@@ -181,7 +181,7 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
 
 #: socket timeouts given to Redis regions unless configured: dogpile's defaults
 #: take 3-5 s to fail a call on a dead server and about a minute on a hung one
-REDIS_TIMEOUT_DEFAULTS = {"socket_timeout": 0.25, "socket_connect_timeout": 0.25}
+REDIS_TIMEOUT_DEFAULTS = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
 
 
 def build_region(spec: RegionSettings, prefix: str = "cachelayer.") -> CacheRegion:

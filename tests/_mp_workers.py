@@ -30,16 +30,23 @@ def create_schema(db_url: str) -> None:
 
 
 def writer(
-    db_url: str, cache_settings: dict[str, str], commits: int, acknowledged: Any, ready: Any
+    db_url: str,
+    cache_settings: dict[str, str],
+    commits: int,
+    acknowledged: Any,
+    ready: Any,
+    results: Any = None,
 ) -> None:
     """Commit ``commits`` increments; publish each value once its commit returned."""
-    engine, _, Session = _setup(db_url, cache_settings)
+    engine, layer, Session = _setup(db_url, cache_settings)
     ready.wait()
     for value in range(1, commits + 1):
         with Session() as s:
             s.execute(update(Counter).where(Counter.id == 1).values(value=value))
             s.commit()
         acknowledged.value = value
+    if results is not None:
+        results.put(("writer", layer.stats()))
     engine.dispose()
 
 
@@ -64,7 +71,7 @@ def reader(
         reads += 1
         if got < floor:
             stale.append(f"read {got} after {floor} was acknowledged")
-    results.put((reads, layer.stats()["hits"], stale[:5], len(stale)))
+    results.put((reads, layer.stats()["hits"], stale[:5], len(stale), layer.stats()))
     engine.dispose()
 
 

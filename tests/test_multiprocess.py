@@ -49,11 +49,13 @@ def test_cross_process_fresh_after_commit(
         )
         for _ in range(READERS)
     ]
+    writer_results = ctx.Queue()
     writer = ctx.Process(
-        target=workers.writer, args=(db_url, settings, COMMITS, acknowledged, ready)
+        target=workers.writer, args=(db_url, settings, COMMITS, acknowledged, ready, writer_results)
     )
     for p in [*readers, writer]:
         p.start()
+    writer_stats = writer_results.get(timeout=300)[1]
     writer.join(300)
     done.set()
     reports = [results.get(timeout=120) for _ in readers]
@@ -61,9 +63,9 @@ def test_cross_process_fresh_after_commit(
         p.join(60)
     assert writer.exitcode == 0 and all(p.exitcode == 0 for p in readers)
     assert acknowledged.value == COMMITS
-    stale = [s for _, _, sample, n in reports if n for s in sample]
-    assert not stale, stale
-    assert sum(hits for _, hits, _, _ in reports) > 0, "readers must have been served hits"
+    stale = [s for _, _, sample, n, _ in reports if n for s in sample]
+    assert not stale, (stale, writer_stats, [r[4] for r in reports])
+    assert sum(r[1] for r in reports) > 0, "readers must have been served hits"
 
 
 @pytest.mark.slow

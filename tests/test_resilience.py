@@ -11,8 +11,9 @@ from _models import User
 from dogpile.cache import make_region
 from dogpile.cache.proxy import ProxyBackend
 from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
 
-from sqla_cachelayer import FromCache, NoCache
+from sqla_cachelayer import CacheLayer, FromCache, NoCache
 
 
 class Outage(ProxyBackend):
@@ -22,9 +23,13 @@ class Outage(ProxyBackend):
         super().__init__()
         self.down = False
         self.calls = 0
+        self.fail_next = 0
 
     def _check(self) -> None:
         self.calls += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ConnectionError("cache backend hiccup")
         if self.down:
             raise ConnectionError("cache backend unreachable")
 
@@ -150,3 +155,26 @@ def test_concurrent_misses_run_one_query(env: Any) -> None:
     assert len(entered) == 1, f"{len(entered)} queries ran for one key"
     with env.Session() as s:
         assert s.execute(stmt.options(NoCache())).all() == results[0]
+
+
+def test_invalidation_hiccup_is_retried_for_other_readers(make_env: Any) -> None:
+    """Another process (here: another layer on the same backend) must see the
+    commit at once, even if the first attempt to write the invalidation failed."""
+    env, proxy = _env_with_outage(make_env, breaker_reset_seconds=3600)
+    region = env.layer.regions["default"]
+    other = CacheLayer({"default": region})
+    OtherSession = other.install(sessionmaker(env.engine))
+
+    def other_names() -> list[Any]:
+        with OtherSession() as s:
+            return [tuple(r) for r in s.execute(STMT)]
+
+    assert other_names()[0] == (1, "user1")
+    assert other_names()[0] == (1, "user1")
+    assert other.stats()["hits"] == 1
+    proxy.fail_next = 1
+    with env.Session() as s:
+        s.get(User, 1).name = "after hiccup"
+        s.commit()
+    assert other_names()[0] == (1, "after hiccup")
+    assert env.layer.stats()["errors"] == 0, "one hiccup is retried, not reported"
