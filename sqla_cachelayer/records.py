@@ -470,11 +470,16 @@ def result_from_record(
     return result
 
 
+# (class, names of the columns a record holds) -> the class's columns it lacks
+_unloaded: BoundedMemo[tuple[type, tuple[str, ...]], tuple[str, ...]] = BoundedMemo(5000)
+
+
 def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> list[Any]:
     records = record.objects
     layouts = record.layouts
     identity_map = session.identity_map
-    in_map = identity_map.get
+    # an empty identity map (a fresh session, the usual case) holds nothing to reuse
+    in_map = identity_map.get if len(identity_map) else None
     add_unpresent = identity_map._add_unpresent
     session_id = session.hash_key
     objs: list[Any] = []
@@ -487,8 +492,11 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
     # class -> (mapper, new_instance, has load listeners); (class, layout) -> unloaded columns
     per_class: dict[type, tuple[Mapper[Any], Callable[[], Any], bool]] = {}
     unloaded: dict[tuple[type, int], tuple[str, ...]] = {}
-    for cls, key, lid, values, _ in records:
-        existing = in_map(key)
+    has_rels = False
+    for cls, key, lid, values, rels in records:
+        if rels:
+            has_rels = True
+        existing = in_map(key) if in_map is not None else None
         if existing is not None:
             state = instance_state(existing)
             dict_ = state.dict
@@ -514,7 +522,11 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
         obj.__dict__.update(zip(names, values, strict=True))
         expire = unloaded.get((cls, lid))
         if expire is None:
-            expire = unloaded[(cls, lid)] = tuple(k for k in _layout(cls)[0] if k not in names)
+            expire = _unloaded.get((cls, names))
+            if expire is None:
+                expire = tuple(k for k in _layout(cls)[0] if k not in names)
+                _unloaded.put((cls, names), expire)
+            unloaded[(cls, lid)] = expire
         if expire:
             # columns this query did not load (a subclass's table, deferred
             # ones): as after a database load, they load on first access
@@ -530,7 +542,7 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
         append_fresh(True)
         if has_load:
             load_events.append(state)
-    for position, (_, _, _, _, rel_values) in enumerate(records):
+    for position, (_, _, _, _, rel_values) in enumerate(records if has_rels else ()):
         if not rel_values:
             continue
         obj = objs[position]
