@@ -23,16 +23,13 @@ guarantees.
 
 from __future__ import annotations
 
-from typing import Any
-
+# importing the backends registers sqla_cachelayer.memory and sqla_cachelayer.sqlite
+from . import backends as _backends  # noqa: F401
+from .engine import async_engine_from_config, engine_from_config
 from .exc import ConfigurationError
 from .layer import CacheLayer
 from .options import FromCache, NoCache, RelationshipCache
-
-try:  # registers sqla_cachelayer.memory and sqla_cachelayer.sqlite with dogpile
-    from . import backends as _backends  # noqa: F401
-except Exception:  # pragma: no cover - only while the backends are being built
-    pass
+from .retry import RetryStats, retry_stats, run_in_transaction, run_in_transaction_async
 
 __all__ = [
     "CacheLayer",
@@ -40,22 +37,12 @@ __all__ = [
     "FromCache",
     "NoCache",
     "RelationshipCache",
+    "RetryStats",
+    "async_engine_from_config",
     "engine_from_config",
+    "retry_stats",
     "run_in_transaction",
     "run_in_transaction_async",
 ]
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    # the engine half lives in its own modules and is imported on first use
-    if name == "engine_from_config":
-        from .engine import engine_from_config
-
-        return engine_from_config
-    if name in ("run_in_transaction", "run_in_transaction_async"):
-        from . import retry
-
-        return getattr(retry, name)
-    raise AttributeError(f"module 'sqla_cachelayer' has no attribute {name!r}")

@@ -414,8 +414,17 @@ class CacheLayer:
 
     def _usable(self, rs: _RegionState) -> bool:
         """May this region be read now? Replays failed invalidations first (G5)."""
-        if rs.down_until and time.monotonic() < rs.down_until:
-            return False
+        if rs.down_until:
+            if time.monotonic() < rs.down_until:
+                return False
+            with rs.lock:
+                probing = rs.down_until != 0.0
+                rs.down_until = 0.0
+            if probing:
+                # the breaker's wait is over: the next backend call is the probe;
+                # a failure reopens it (and counts breaker_opened again)
+                self._stats.incr("breaker_closed")
+                log.info("sqla_cachelayer: region %r: trying the backend again", rs.name)
         if not rs.pending:
             return True
         with rs.lock:

@@ -22,6 +22,7 @@ COUNTERS = (
     "stale",  # entries found but refused: a table moved past them, or expired
     "replays",  # invalidations that failed and were replayed later
     "breaker_opened",  # times a region was switched off after a backend error
+    "breaker_closed",  # times a region's breaker wait ended and the backend was tried again
 )
 
 

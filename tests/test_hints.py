@@ -132,3 +132,42 @@ def test_uninstall(env: Any) -> None:
     env.layer.install(env.Session)  # idempotent
     _run_twice(env.Session, select(User.id).options(FromCache()))
     assert env.layer.stats()["hits"] == 1 and env.layer.stats()["misses"] == 1
+
+
+def test_install_targets(env: Any) -> None:
+    from sqlalchemy.orm import Session, scoped_session
+
+    stmt = select(User.id).options(FromCache())
+    scoped = env.layer.install(scoped_session(sessionmaker(env.engine)))
+    for _ in range(2):
+        scoped.execute(stmt).all()
+        scoped.remove()
+    assert env.layer.stats()["hits"] == 1
+
+    class MySession(Session):
+        pass
+
+    assert env.layer.install(MySession) is MySession
+    for _ in range(2):
+        with MySession(env.engine) as s:
+            s.execute(stmt).all()
+    assert env.layer.stats()["hits"] == 3  # the entry is shared: both are hits
+
+    one = Session(env.engine)
+    env.layer.install(one)
+    one.execute(stmt).all()
+    one.close()
+    with Session(env.engine) as plain:
+        plain.execute(stmt).all()  # not installed: no hit counted
+    assert env.layer.stats()["hits"] == 4
+    env.layer.uninstall(MySession)
+    with MySession(env.engine) as s:
+        s.execute(stmt).all()
+    assert env.layer.stats()["hits"] == 4
+
+
+def test_install_rejects_other_objects(env: Any) -> None:
+    import pytest
+
+    with pytest.raises(TypeError, match="sessionmaker"):
+        env.layer.install(object())
