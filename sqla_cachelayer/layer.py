@@ -48,6 +48,7 @@ from .records import (
     load_record,
     record_from_frozen,
 )
+from .records import REQUIRES_UNIQUE, restore_unique_requirement
 from .records import result_from_record as _result_from_record
 from .settings import EMBEDDED_BACKEND, RegionSettings, build_region, parse_settings
 from .stats import Stats
@@ -739,7 +740,11 @@ class CacheLayer:
             snapshot_seq = self._snapshot_seq(session, rs, bind, seq_now)
             marker = _orm_loading._new_runid()
             with collecting() as collector:
-                frozen = orm_context.invoke_statement().freeze()
+                raw = orm_context.invoke_statement()
+                frozen = raw.freeze()
+            if raw._unique_filter_state is not None:
+                # joined eager loads of collections: the ORM insists on unique()
+                frozen._attributes = frozen._attributes.union({REQUIRES_UNIQUE: True})
             self._store(
                 orm_context,
                 rs,
@@ -752,7 +757,7 @@ class CacheLayer:
                 collector,
                 written,
             )
-            return frozen()
+            return restore_unique_requirement(frozen())
         finally:
             if mutex is not None:
                 self._release(mutex)

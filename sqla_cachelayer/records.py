@@ -44,6 +44,7 @@ from operator import itemgetter
 from typing import Any, Final
 
 from sqlalchemy import util
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.engine.result import IteratorResult, Result, ResultMetaData
 from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.orm.base import instance_state
@@ -79,6 +80,7 @@ class Record:
     __slots__ = (
         "_metadata",
         "_metadata_blob",
+        "_prepared",
         "attributes",
         "created",
         "entity_positions",
@@ -105,6 +107,7 @@ class Record:
     ) -> None:
         self._metadata: ResultMetaData | None = metadata
         self._metadata_blob: bytes | None = None
+        self._prepared: list[tuple[dict[str, Any], tuple[str, ...]]] | None = None
         self.attributes = attributes
         self.scalars_source = scalars_source
         self.rows = rows
@@ -161,6 +164,7 @@ class Record:
             self.created,
         ) = state
         self._metadata = None
+        self._prepared = None
 
 
 class BadSignature(Exception):
@@ -467,11 +471,59 @@ def result_from_record(
     result: IteratorResult[Any] = IteratorResult(metadata, iter(data))
     result._attributes = util.immutabledict(record.attributes)
     result._source_supports_scalars = record.scalars_source
+    return restore_unique_requirement(result)
+
+
+#: marks, in a result's attributes, the ORM's "call unique() first" rule
+REQUIRES_UNIQUE: Final = "_sqla_cachelayer_requires_unique"
+
+
+def _require_unique(obj: Any) -> Any:
+    raise InvalidRequestError(
+        "The unique() method must be invoked on this Result, as it contains results "
+        "that include joined eager loads against collections"
+    )
+
+
+def restore_unique_requirement(result: Result[Any]) -> Result[Any]:
+    """Give a cached result the ORM's rule for joined eager loads of collections:
+    rows may only be read after ``unique()`` (frozen results lose it)."""
+    attributes = result._attributes
+    if attributes.get(REQUIRES_UNIQUE):
+        result._attributes = util.immutabledict(
+            {k: v for k, v in attributes.items() if k != REQUIRES_UNIQUE}
+        )
+        result._unique_filter_state = (set(), _require_unique)
     return result
 
 
 # (class, names of the columns a record holds) -> the class's columns it lacks
 _unloaded: BoundedMemo[tuple[type, tuple[str, ...]], tuple[str, ...]] = BoundedMemo(5000)
+
+
+def _prepare(record: Record) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
+    """Per object: its column values by name, and the columns it did not load.
+
+    Kept on the record, so a record reused by :func:`load_record` builds them
+    once; the dicts are only ever read (copied into new instances).
+    """
+    found = record._prepared
+    if found is None:
+        layouts = record.layouts
+        per_layout: dict[tuple[type, int], tuple[str, ...]] = {}
+        found = []
+        for cls, _key, lid, values, _rels in record.objects:
+            names = layouts[lid]
+            expire = per_layout.get((cls, lid))
+            if expire is None:
+                expire = _unloaded.get((cls, names))
+                if expire is None:
+                    expire = tuple(k for k in _layout(cls)[0] if k not in names)
+                    _unloaded.put((cls, names), expire)
+                per_layout[(cls, lid)] = expire
+            found.append((dict(zip(names, values, strict=True)), expire))
+        record._prepared = found
+    return found
 
 
 def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> list[Any]:
@@ -489,11 +541,11 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
     persistent_evt = bool(session_dispatch.loaded_as_persistent)
     append = objs.append
     append_fresh = fresh.append
-    # class -> (mapper, new_instance, has load listeners); (class, layout) -> unloaded columns
+    # class -> (mapper, new_instance, has load listeners)
     per_class: dict[type, tuple[Mapper[Any], Callable[[], Any], bool]] = {}
-    unloaded: dict[tuple[type, int], tuple[str, ...]] = {}
+    prepared = _prepare(record)
     has_rels = False
-    for cls, key, lid, values, rels in records:
+    for (cls, key, lid, _values, rels), (named, expire) in zip(records, prepared, strict=True):
         if rels:
             has_rels = True
         existing = in_map(key) if in_map is not None else None
@@ -503,7 +555,6 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
             missing = [k for k in layouts[lid] if k not in dict_]
             if missing:
                 # an expired or unloaded attribute: a database load would fill it
-                named = dict(zip(layouts[lid], values, strict=True))
                 for k in missing:
                     dict_[k] = named[k]
                 state._commit(dict_, missing)
@@ -518,15 +569,7 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
         mapper, new_instance, has_load = known
         obj = new_instance()
         state = obj._sa_instance_state
-        names = layouts[lid]
-        obj.__dict__.update(zip(names, values, strict=True))
-        expire = unloaded.get((cls, lid))
-        if expire is None:
-            expire = _unloaded.get((cls, names))
-            if expire is None:
-                expire = tuple(k for k in _layout(cls)[0] if k not in names)
-                _unloaded.put((cls, names), expire)
-            unloaded[(cls, lid)] = expire
+        obj.__dict__.update(named)
         if expire:
             # columns this query did not load (a subclass's table, deferred
             # ones): as after a database load, they load on first access

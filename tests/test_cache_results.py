@@ -211,3 +211,25 @@ def test_column_types_survive(env: Any) -> None:
         got = s.execute(stmt).all()
     assert got == expected
     assert [type(v) for v in got[0]] == [type(v) for v in expected[0]]
+
+
+def test_joined_collection_requires_unique_like_uncached(env: Any) -> None:
+    from sqlalchemy.exc import InvalidRequestError
+
+    stmt = select(User).options(joinedload(User.addresses))
+    with env.Session() as s, pytest.raises(InvalidRequestError, match="unique"):
+        s.scalars(stmt.options(NoCache())).all()
+    for _ in range(2):  # a miss, then a hit
+        with env.Session() as s:
+            with pytest.raises(InvalidRequestError, match="unique"):
+                s.scalars(stmt.options(FromCache())).all()
+            assert len(s.scalars(stmt.options(FromCache())).unique().all()) == 5
+    assert env.layer.stats()["hits"] >= 2
+
+
+def test_legacy_query_api(env: Any) -> None:
+    for _ in range(2):
+        with env.Session() as s:
+            users = s.query(User).options(FromCache()).filter(User.id < 3).order_by(User.id).all()
+            assert [u.name for u in users] == ["user1", "user2"]
+    assert env.layer.stats()["hits"] == 1
