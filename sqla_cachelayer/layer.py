@@ -41,14 +41,15 @@ from .exc import ConfigurationError
 from .invalidation import ALL_TABLES, ANY_TABLE, Lookup, StampStore, store_for_region
 from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache
 from .records import (
+    REQUIRES_UNIQUE,
     BadSignature,
     NotRecordable,
     Signer,
     dump_record,
     load_record,
     record_from_frozen,
+    restore_unique_requirement,
 )
-from .records import REQUIRES_UNIQUE, restore_unique_requirement
 from .records import result_from_record as _result_from_record
 from .settings import EMBEDDED_BACKEND, RegionSettings, build_region, parse_settings
 from .stats import Stats

@@ -44,8 +44,8 @@ from operator import itemgetter
 from typing import Any, Final
 
 from sqlalchemy import util
-from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.engine.result import IteratorResult, Result, ResultMetaData
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.state import InstanceState
