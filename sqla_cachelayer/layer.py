@@ -721,7 +721,12 @@ class CacheLayer:
                 try:
                     tables = self._tables.get(digest)
                     again = rs.store.lookup(key, tables if tables is not None else (ALL_TABLES,))
-                    hit = self._try_hit(orm_context, rs, hint, digest, again, tables, time.time())
+                    if again.payload is not None and again.payload == found.payload:
+                        hit = None  # the entry already refused: stamps and age only grow
+                    else:
+                        hit = self._try_hit(
+                            orm_context, rs, hint, digest, again, tables, time.time()
+                        )
                 except Exception as err:
                     self._backend_error(rs, "lookup", err)
                     stats.incr("bypasses")
