@@ -615,17 +615,20 @@ def profile(case: Case, variants: dict[str, Variant], variant: str, mode: str, r
     v = variants[variant]
     if mode not in ("hit", "miss"):
         raise SystemExit("--profile takes {a,a-get,b,c}-{hit,miss}")
+    n_timed = max(1, reps // 4)
     if mode == "hit":
         for x in case.hit_values:
             case.run(v, x)
-        values: Iterable[int] = list(itertools.islice(itertools.cycle(case.hit_values), reps))
+        timed = list(itertools.islice(itertools.cycle(case.hit_values), n_timed))
+        values = list(itertools.islice(itertools.cycle(case.hit_values), reps))
     else:
-        values = list(itertools.islice(case.miss_values(), reps))
+        # misses: never the same value twice, timed run and profiled run included
+        supply = iter(case.miss_values())
+        timed = list(itertools.islice(supply, n_timed))
+        values = list(itertools.islice(supply, reps))
     warm = list(itertools.islice(case.warm_values(), 50 if case.key != "c" else 1))
     time_calls(functools.partial(case.run, v), warm)
-    if mode == "hit":
-        time_calls(functools.partial(case.run, v), values[:200])
-    samples = time_calls(functools.partial(case.run, v), values[: max(1, reps // 4)])
+    samples = time_calls(functools.partial(case.run, v), timed)
     print(
         f"{case.title}\n{v.label} {mode}: median {statistics.median(samples) / 1000:.1f} us "
         f"unprofiled, {len(samples)} calls"
