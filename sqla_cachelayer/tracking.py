@@ -112,14 +112,21 @@ _WRITE_PATTERNS = [
     ),
 ]
 _TRUNCATE = re.compile(r"\btruncate\s+(?:table\s+)?(?:only\s+)?([^;]+)", re.I)
-_READ_ONLY_START = re.compile(
-    r"^\s*(?:select|values|show|explain|describe|begin|commit|rollback|savepoint|release|"
-    r"start\s+transaction|end|set\s+(?:session|local|transaction|search_path)|pragma\s+[\w.]+\s*(?:;|$|\())",
+_LOAD_DATA = re.compile(r"\binto\s+table\s+" + _IDENT, re.I)
+_FIRST_WORD = re.compile(r"^[\s(;]*([a-z_]+)", re.I)
+_DML_WORD = re.compile(
+    r"\b(?:insert|update|delete|replace|merge|truncate|create|drop|alter|copy|call|do|"
+    r"grant|revoke|load|execute|exec|rename)\b",
     re.I,
 )
-_DML_WORD = re.compile(
-    r"\b(?:insert|update|delete|replace|merge|truncate|create|drop|alter|copy|call|do|grant)\b",
-    re.I,
+# statements that neither read nor write table data: transaction control,
+# session settings, maintenance (unless a DML word appears in them)
+_NEUTRAL = frozenset(
+    ["begin", "commit", "rollback", "savepoint", "release", "start", "end", "abort", "set", "reset", "discard", "pragma", "show", "use", "listen", "unlisten", "notify", "prepare", "deallocate", "declare", "fetch", "move", "close", "lock", "checkpoint", "vacuum", "analyze", "reindex", "explain", "describe", "desc", "cluster"]
+)
+_READS = frozenset(("select", "values", "with", "table"))
+_WRITES = frozenset(
+    ["insert", "update", "delete", "replace", "merge", "truncate", "create", "drop", "alter", "copy", "load", "grant", "revoke", "comment", "rename"]
 )
 
 
@@ -128,17 +135,9 @@ def _clean_ident(raw: str) -> str:
     return last.strip('"`[]').lower()
 
 
-def parse_textual_writes(sql: str) -> frozenset[str]:
-    """Tables a textual statement may write; ``{"*all*"}`` when it cannot tell."""
-    text = _STRINGS.sub("''", _COMMENTS.sub(" ", sql))
-    if _READ_ONLY_START.match(text) and not _DML_WORD.search(text):
-        return frozenset()
-    if not _DML_WORD.search(text):
-        # a statement we do not recognize at all (a PRAGMA with a value, a
-        # vendor command): treat as not writing table data
-        return frozenset()
+def _written_by(text: str) -> frozenset[str]:
     names: set[str] = set()
-    for pattern in _WRITE_PATTERNS:
+    for pattern in (*_WRITE_PATTERNS, _LOAD_DATA):
         names.update(_clean_ident(m.group(1)) for m in pattern.finditer(text))
     for m in _TRUNCATE.finditer(text):
         for part in m.group(1).split(","):
@@ -146,19 +145,43 @@ def parse_textual_writes(sql: str) -> frozenset[str]:
             if word:
                 names.add(_clean_ident(word[0]))
     names.discard("")
-    if not names or re.search(r"\b(?:call|do)\b", text, re.I):
+    if not names or re.search(r"\b(?:call|do|execute|exec)\b", text, re.I):
         return frozenset((ALL_TABLES,))
     return frozenset(names)
 
 
-_text_writes: BoundedMemo[str, frozenset[str]] = BoundedMemo(5000)
+def classify_textual(sql: str) -> tuple[frozenset[str], bool]:
+    """What a textual statement does: the tables it may write (``{"*all*"}``
+    when it cannot tell) and whether it reads table data.
+
+    When in doubt it says more: an unknown statement writes everything.
+    """
+    text = _STRINGS.sub("''", _COMMENTS.sub(" ", sql))
+    m = _FIRST_WORD.match(text)
+    first = m.group(1).lower() if m else ""
+    has_dml = _DML_WORD.search(text) is not None
+    if first in _NEUTRAL:
+        return (_written_by(text) if has_dml else frozenset()), False
+    if first in _READS:
+        return (_written_by(text) if has_dml else frozenset()), True
+    if first in _WRITES:
+        return _written_by(text), False
+    return frozenset((ALL_TABLES,)), True
 
 
-def _textual_writes(sql: str) -> frozenset[str]:
-    found = _text_writes.get(sql)
+def parse_textual_writes(sql: str) -> frozenset[str]:
+    """Tables a textual statement may write; ``{"*all*"}`` when it cannot tell."""
+    return classify_textual(sql)[0]
+
+
+_text_kinds: BoundedMemo[str, tuple[frozenset[str], bool]] = BoundedMemo(5000)
+
+
+def _textual(sql: str) -> tuple[frozenset[str], bool]:
+    found = _text_kinds.get(sql)
     if found is None:
-        found = parse_textual_writes(sql)
-        _text_writes.put(sql, found)
+        found = classify_textual(sql)
+        _text_kinds.put(sql, found)
     return found
 
 
@@ -300,8 +323,8 @@ class _EngineWatch:
     ) -> None:
         compiled = getattr(context, "compiled", None)
         if compiled is None or _is_textual(compiled):
-            written = _textual_writes(statement)
-            read = frozenset((ANY_TABLE,)) if not written else frozenset()
+            written, reads = _textual(statement)
+            read = frozenset((ANY_TABLE,)) if reads else frozenset()
         elif context.isinsert or context.isupdate or context.isdelete:
             written = _writes_of(compiled)
             read = frozenset()

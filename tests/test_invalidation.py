@@ -276,3 +276,30 @@ def test_expiration_time_bounds_life(env: Any) -> None:
     misses = env.layer.stats()["misses"]
     _names(env, stmt)
     assert env.layer.stats()["misses"] == misses + 1
+
+
+def test_unrelated_write_keeps_entries(env: Any) -> None:
+    before = _cached_then_hit(env, USERS)
+    with env.Session() as s:
+        s.get(Address, 10).email = "elsewhere@x"
+        s.commit()
+    hits = env.layer.stats()["hits"]
+    assert _names(env, USERS) == before
+    assert env.layer.stats()["hits"] == hits + 1, (
+        "a write to addresses must not drop users' entries"
+    )
+
+
+def test_textual_statement_classification() -> None:
+    from sqla_cachelayer.tracking import classify_textual
+
+    assert classify_textual("BEGIN IMMEDIATE") == (frozenset(), False)
+    assert classify_textual("SAVEPOINT sa_1") == (frozenset(), False)
+    assert classify_textual("select * from users") == (frozenset(), True)
+    assert classify_textual('UPDATE "main"."Users" SET a = 1')[0] == {"users"}
+    assert classify_textual("with d as (delete from a returning *) select * from d")[0] == {"a"}
+    assert classify_textual("TRUNCATE a, b")[0] == {"a", "b"}
+    assert classify_textual("LOAD DATA INFILE 'f' INTO TABLE t")[0] == {"t"}
+    assert classify_textual("select 1 where 'delete from x' = ''") == (frozenset(), True)
+    for unknown in ("CALL refresh()", "EXECUTE plan(1)", "DO $$ begin end $$"):
+        assert classify_textual(unknown)[0] == {"*all*"}
