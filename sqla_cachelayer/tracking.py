@@ -122,11 +122,60 @@ _DML_WORD = re.compile(
 # statements that neither read nor write table data: transaction control,
 # session settings, maintenance (unless a DML word appears in them)
 _NEUTRAL = frozenset(
-    ["begin", "commit", "rollback", "savepoint", "release", "start", "end", "abort", "set", "reset", "discard", "pragma", "show", "use", "listen", "unlisten", "notify", "prepare", "deallocate", "declare", "fetch", "move", "close", "lock", "checkpoint", "vacuum", "analyze", "reindex", "explain", "describe", "desc", "cluster"]
+    [
+        "begin",
+        "commit",
+        "rollback",
+        "savepoint",
+        "release",
+        "start",
+        "end",
+        "abort",
+        "set",
+        "reset",
+        "discard",
+        "pragma",
+        "show",
+        "use",
+        "listen",
+        "unlisten",
+        "notify",
+        "prepare",
+        "deallocate",
+        "declare",
+        "fetch",
+        "move",
+        "close",
+        "lock",
+        "checkpoint",
+        "vacuum",
+        "analyze",
+        "reindex",
+        "explain",
+        "describe",
+        "desc",
+        "cluster",
+    ]
 )
 _READS = frozenset(("select", "values", "with", "table"))
 _WRITES = frozenset(
-    ["insert", "update", "delete", "replace", "merge", "truncate", "create", "drop", "alter", "copy", "load", "grant", "revoke", "comment", "rename"]
+    [
+        "insert",
+        "update",
+        "delete",
+        "replace",
+        "merge",
+        "truncate",
+        "create",
+        "drop",
+        "alter",
+        "copy",
+        "load",
+        "grant",
+        "revoke",
+        "comment",
+        "rename",
+    ]
 )
 
 
