@@ -16,8 +16,8 @@ whatever the query. The digest covers:
 * the ORM execution options that change which objects come back
   (``identity_token``).
 
-An explicit ``cache_key=`` hint replaces the structure and bound values, as in
-SQLAlchemy's dogpile_caching example; the database identity still applies.
+An explicit ``cache_key=`` hint is added to all of this, as in SQLAlchemy 2.x's
+dogpile_caching example: it can separate entries, never merge them.
 
 Values that cannot be encoded stably (neither a well-known scalar type nor
 picklable) make the query uncacheable: it runs against the database instead of
@@ -222,11 +222,3 @@ def query_key(
         else:
             _encode_value(list(exec_params), out)
     return prefix + hashlib.blake2b(b"".join(out), digest_size=20).hexdigest()
-
-
-def explicit_key(prefix: str, cache_key: str, db_identity: str) -> str:
-    """The key for a ``cache_key=`` hint: the caller's string, scoped to the database."""
-    digest = hashlib.blake2b(
-        cache_key.encode() + b"#" + db_identity.encode(), digest_size=20
-    ).hexdigest()
-    return prefix + "k:" + digest

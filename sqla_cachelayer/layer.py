@@ -506,7 +506,7 @@ class CacheLayer:
             expiration = exec_opts.get("cache_expiration_time")
             cache_key = None
             ignore = False
-        if name == DEFAULT_REGION and DEFAULT_REGION not in self._states:
+        if name is DEFAULT_REGION:
             name = self.default_region
         rs = self._states.get(name)
         if rs is None:
@@ -589,24 +589,24 @@ class CacheLayer:
         try:
             bind = session.get_bind(**orm_context.bind_arguments)
             db = _keys.database_identity(bind, exec_opts.get("schema_translate_map"))
+            ck = statement._generate_cache_key()  # type: ignore[attr-defined]
+            if ck is None:
+                stats.incr("bypasses")
+                return None
+            digest = self._digests.digest(ck.key)
+            extra = str(exec_opts.get("identity_token", ""))
             if hint.cache_key is not None:
-                digest = b"k:" + hint.cache_key.encode()
-                key = _keys.explicit_key(rs.prefix, hint.cache_key, db)
-            else:
-                ck = statement._generate_cache_key()  # type: ignore[attr-defined]
-                if ck is None:
-                    stats.incr("bypasses")
-                    return None
-                digest = self._digests.digest(ck.key)
-                key = _keys.query_key(
-                    rs.prefix + "q:",
-                    digest,
-                    [bp.effective_value for bp in ck.bindparams],
-                    ck.params,
-                    orm_context.parameters,
-                    db,
-                    str(exec_opts.get("identity_token", "")),
-                )
+                # as in SQLAlchemy 2.x's example: the caller's string is added
+                extra += "|k:" + hint.cache_key
+            key = _keys.query_key(
+                rs.prefix + "q:",
+                digest,
+                [bp.effective_value for bp in ck.bindparams],
+                ck.params,
+                orm_context.parameters,
+                db,
+                extra,
+            )
         except _keys.Uncacheable:
             stats.incr("bypasses")
             return None

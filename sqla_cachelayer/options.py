@@ -26,8 +26,36 @@ if TYPE_CHECKING:
 
 __all__ = ["FromCache", "NoCache", "RelationshipCache"]
 
+
+class _DefaultRegionName(str):
+    """The name ``"default"`` as the hints' default argument.
+
+    It compares equal to ``"default"`` (so ``FromCache().region == "default"``,
+    as in the recipe), but the layer tells it apart by identity: a hint given no
+    region uses the layer's ``default_region``, while ``FromCache("default")``
+    names the region called ``default``.
+    """
+
+    __slots__ = ()
+
+
 #: Marks "use the layer's default region" (``cachelayer.default_region``).
-DEFAULT_REGION = "default"
+DEFAULT_REGION = _DefaultRegionName("default")
+
+
+def _expiration_and_key(expiration_time: Any, cache_key: Any) -> tuple[float | None, str | None]:
+    """Accept both argument orders: the contract's ``(region, expiration_time,
+    cache_key)`` and the dogpile_caching example's ``(region, cache_key,
+    expiration_time)``, told apart by type, so moving is an import change."""
+    if isinstance(expiration_time, str) and not isinstance(cache_key, str):
+        expiration_time, cache_key = cache_key, expiration_time
+    if expiration_time is not None and (
+        isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float))
+    ):
+        raise TypeError(f"expiration_time must be a number of seconds, got {expiration_time!r}")
+    if cache_key is not None and not isinstance(cache_key, str):
+        raise TypeError(f"cache_key must be a string, got {cache_key!r}")
+    return expiration_time, cache_key
 
 
 class FromCache(UserDefinedOption):
@@ -39,14 +67,14 @@ class FromCache(UserDefinedOption):
         users = session.scalars(stmt).all()        # a miss: one SELECT, result stored
         users = session.scalars(stmt).all()        # a hit: no SQL, no connection
 
-    :param region: the region name; ``"default"`` means the layer's
-        ``default_region``.
+    :param region: the region name; when not given, the layer's
+        ``default_region`` (``cachelayer.default_region``).
     :param expiration_time: seconds an entry may be served for, overriding the
         region's ``expiration_time``. Expiry only bounds an entry's life: the
         entry is invalidated by commits to the tables it read regardless.
-    :param cache_key: a string used instead of the key the layer derives from
-        the statement and its bound values. The caller then answers for
-        distinguishing different parameters; invalidation by table still applies.
+    :param cache_key: a string added to the key the layer derives from the
+        statement, its bound values and the database, as in SQLAlchemy 2.x's
+        dogpile_caching example: it separates entries, it never merges them.
     :param ignore_expiration: serve an entry however old it is (still subject to
         invalidation by commits).
     """
@@ -64,8 +92,7 @@ class FromCache(UserDefinedOption):
     ) -> None:
         super().__init__()
         self.region = region
-        self.expiration_time = expiration_time
-        self.cache_key = cache_key
+        self.expiration_time, self.cache_key = _expiration_and_key(expiration_time, cache_key)
         self.ignore_expiration = ignore_expiration
 
     def __repr__(self) -> str:
@@ -94,7 +121,13 @@ class RelationshipCache(UserDefinedOption):
     :class:`FromCache` instead.
     """
 
-    __slots__ = ("_relationship_options", "cache_key", "expiration_time", "region")
+    __slots__ = (
+        "_relationship_options",
+        "cache_key",
+        "expiration_time",
+        "ignore_expiration",
+        "region",
+    )
 
     propagate_to_loaders = True
 
@@ -104,11 +137,12 @@ class RelationshipCache(UserDefinedOption):
         region: str = DEFAULT_REGION,
         expiration_time: float | None = None,
         cache_key: str | None = None,
+        ignore_expiration: bool = False,
     ) -> None:
         super().__init__()
         self.region = region
-        self.expiration_time = expiration_time
-        self.cache_key = cache_key
+        self.expiration_time, self.cache_key = _expiration_and_key(expiration_time, cache_key)
+        self.ignore_expiration = ignore_expiration
         prop = attribute.property
         self._relationship_options: dict[tuple[type[Any], str], RelationshipCache] = {
             (prop.parent.class_, prop.key): self
@@ -122,7 +156,9 @@ class RelationshipCache(UserDefinedOption):
     def for_load(self, orm_execute_state: ORMExecuteState) -> RelationshipCache | None:
         """The option that applies to the lazy load being executed, if any."""
         path = orm_execute_state.loader_strategy_path
-        if not path or not orm_execute_state.is_relationship_load:
+        # lazy loads only: an eager loader's query runs inside its parent's and
+        # is cached with it (FromCache on the parent)
+        if not path or orm_execute_state.lazy_loaded_from is None:
             return None
         mapper, prop = path[-2], path[-1]
         key = getattr(prop, "key", None)

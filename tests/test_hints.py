@@ -171,3 +171,39 @@ def test_install_rejects_other_objects(env: Any) -> None:
 
     with pytest.raises(TypeError, match="sessionmaker"):
         env.layer.install(object())
+
+
+def test_both_argument_orders_of_the_recipe_and_the_contract(env: Any) -> None:
+    contract = FromCache("default", 60, "k1")
+    recipe = FromCache("default", "k1", 60)
+    assert (contract.expiration_time, contract.cache_key) == (60, "k1")
+    assert (recipe.expiration_time, recipe.cache_key) == (60, "k1")
+    rel = RelationshipCache(User.addresses, "default", "k2")
+    assert rel.cache_key == "k2" and rel.expiration_time is None
+    import pytest
+
+    with pytest.raises(TypeError, match="expiration_time"):
+        FromCache("default", expiration_time=[1])
+
+
+def test_default_region_setting_wins_over_a_region_named_default(make_env: Any) -> None:
+    regions = {
+        "default": make_region().configure("dogpile.cache.memory"),
+        "local": make_region().configure("dogpile.cache.memory"),
+    }
+    env = make_env(region=regions, default_region="local")
+    _run_twice(env.Session, select(User.id).options(FromCache()))
+    assert len(regions["local"].backend._cache) == 1
+    assert len(regions["default"].backend._cache) == 0
+    _run_twice(env.Session, select(User.name).options(FromCache("default")))
+    assert len(regions["default"].backend._cache) == 1
+
+
+def test_relationship_cache_leaves_eager_loads_alone(env: Any) -> None:
+    from sqlalchemy.orm import selectinload
+
+    stmt = select(User).options(RelationshipCache(User.addresses), selectinload(User.addresses))
+    with env.Session() as s:
+        assert len(s.scalars(stmt).all()) == 5
+    stats = env.layer.stats()
+    assert stats["misses"] == 0 and stats["not_stored"] == 0

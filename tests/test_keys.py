@@ -123,12 +123,13 @@ def test_keys_have_bounded_length(memory_env: Any) -> None:
     assert keys and max(len(k) for k in keys) < 120
 
 
-def test_explicit_cache_key(env: Any) -> None:
-    stmt1 = select(User.name).where(User.id == 1).options(FromCache(cache_key="first-user"))
-    stmt2 = select(User.name).where(User.id == 2).options(FromCache(cache_key="first-user"))
-    assert _name(env, stmt1) == "user1"
-    assert _name(env, stmt2) == "user1", "cache_key replaces the derived key, as in the recipe"
-    with env.Session() as s:
-        s.get(User, 1).name = "renamed"
-        s.commit()
-    assert _name(env, stmt2) == "user2", "invalidation by table still applies to explicit keys"
+def test_explicit_cache_key_is_added_to_the_key(env: Any) -> None:
+    stmt = select(User.name).where(User.id == bindparam("uid"))
+    a = stmt.options(FromCache(cache_key="tenant-a"))
+    b = stmt.options(FromCache(cache_key="tenant-b"))
+    assert _name(env, a, {"uid": 1}) == "user1"
+    assert _name(env, a, {"uid": 2}) == "user2", "different values never share an entry"
+    assert _name(env, b, {"uid": 1}) == "user1"
+    assert env.layer.stats()["hits"] == 0, "a different cache_key is a different entry"
+    assert _name(env, a, {"uid": 1}) == "user1"
+    assert env.layer.stats()["hits"] == 1
