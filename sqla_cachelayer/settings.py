@@ -197,7 +197,11 @@ def build_region(spec: RegionSettings, prefix: str = "cachelayer.") -> CacheRegi
         config[f"r.arguments.{name}"] = value
     try:
         return make_region(name=spec.name).configure_from_config(config, "r.")
-    except ConfigurationError:
+    except ConfigurationError as err:
+        # this project's backends name the bare argument: give the settings key
+        if err.key and not str(err.key).startswith(prefix) and err.key in spec.arguments:
+            key = f"{prefix}regions.{spec.name}.arguments.{err.key}"
+            raise bad_setting(key, spec.arguments[err.key], str(err)) from err
         raise
     except Exception as err:
         key = f"{prefix}regions.{spec.name}.arguments"

@@ -441,7 +441,18 @@ def _wrap_do_commit(engine: Engine, watch: _EngineWatch) -> None:
             if current is not None:
                 current.committed(pending)
 
+    original_twophase = dialect.do_commit_twophase
+
+    def do_commit_twophase(connection: Any, xid: Any, *args: Any, **kw: Any) -> None:
+        original_twophase(connection, xid, *args, **kw)
+        pending = connection.info.pop(_WRITTEN, None)
+        if pending:
+            current = watch_ref()
+            if current is not None:
+                current.committed(pending)
+
     dialect.do_commit = do_commit  # type: ignore[method-assign]
+    dialect.do_commit_twophase = do_commit_twophase  # type: ignore[method-assign]
     dialect._sqla_cachelayer_wrapped = True  # type: ignore[attr-defined]
 
 

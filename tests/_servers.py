@@ -361,6 +361,8 @@ def start_postgres() -> tuple[ServerProcess, str]:
                 "full_page_writes": "off",
                 "synchronous_commit": "off",
                 "max_connections": 200,
+                # two-phase commit tests PREPARE TRANSACTION
+                "max_prepared_transactions": 20,
                 "logging_collector": "off",
             }
             argv = [str(bindir / "postgres"), "-D", str(datadir)]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from _models import Address, Counter, Employee, Keyword, Manager, User, user_keywords
 from sqlalchemy import delete, insert, select, text, update
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import selectinload, sessionmaker
 
 from sqla_cachelayer import FromCache, NoCache
 
@@ -303,3 +303,15 @@ def test_textual_statement_classification() -> None:
     assert classify_textual("select 1 where 'delete from x' = ''") == (frozenset(), True)
     for unknown in ("CALL refresh()", "EXECUTE plan(1)", "DO $$ begin end $$"):
         assert classify_textual(unknown)[0] == {"*all*"}
+
+
+def test_two_phase_commit_invalidates(make_env: Any, pg_engine_url: str) -> None:
+    env = make_env(url=pg_engine_url)
+    before = _cached_then_hit(env, USERS)
+    Session = env.layer.install(sessionmaker(env.engine, twophase=True))
+    with Session() as s:
+        s.get(User, 1).name = "two-phase"
+        s.commit()
+    truth = _names(env, USERS.options(NoCache()))
+    assert truth != before
+    assert _names(env, USERS) == truth

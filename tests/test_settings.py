@@ -162,3 +162,16 @@ def test_from_cache_default_name_uses_default_region(tmp_path: Any) -> None:
         with Session() as s:
             s.scalars(select(User).options(FromCache())).all()
     assert layer.stats()["hits"] == 1
+
+
+def test_project_backend_argument_errors_name_the_settings_key() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        CacheLayer.from_settings(
+            {
+                "cachelayer.regions.local.backend": "sqla_cachelayer.memory",
+                "cachelayer.regions.local.arguments.max_entries": "lots",
+                "cachelayer.default_region": "local",
+            }
+        )
+    assert info.value.key == "cachelayer.regions.local.arguments.max_entries"
+    assert "'lots'" in str(info.value)
