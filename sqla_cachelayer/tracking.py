@@ -1,14 +1,16 @@
 """Which tables a statement reads or writes, observed on the engine.
 
-One mechanism covers every write path of design G4: a ``before_cursor_execute``
-listener on each engine the layer knows sees every statement that reaches the
-driver -- ORM flushes (association and inheritance tables included), ORM bulk
-DML, Core DML, textual SQL and DDL -- and records the tables written on the
+One mechanism covers every write path of design G4: the dialect of each engine
+the layer knows is wrapped (``do_execute`` and its siblings), so every statement
+that reaches the driver is seen -- ORM flushes (association and inheritance
+tables included), ORM bulk DML, Core DML, textual SQL and DDL -- and the tables
+written are recorded on the
 DBAPI connection (``connection.info``). After the driver's COMMIT returns, the
 recorded set is handed to the layers watching the engine, which bump the
 tables' stamps before ``commit()`` returns to the caller. SQLAlchemy has no
 after-commit event for Core (``ConnectionEvents.commit`` fires *before* the
-DBAPI COMMIT), so the engine's dialect ``do_commit`` is wrapped, once per engine.
+DBAPI COMMIT), so the dialect's ``do_commit`` is wrapped too, and its
+``do_rollback`` forgets what a rolled-back transaction wrote.
 
 The same listener records the tables a cache miss actually reads: while a miss
 runs, a per-context collector (a ``ContextVar``, so per thread and per
@@ -29,7 +31,6 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.schema import Table
@@ -360,99 +361,133 @@ class _EngineWatch:
         for callback in list(self._callbacks.values()):
             callback(found)
 
-    # listeners ------------------------------------------------------------
-    def before_cursor_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        compiled = getattr(context, "compiled", None)
+    # statement observation ------------------------------------------------
+    def before_statement(self, statement: str, context: Any) -> None:
+        """Record what one statement reads (for a miss) and writes."""
+        compiled = context.compiled
+        collector = _collector.get()
         if compiled is None or _is_textual(compiled):
             written, reads = _textual(statement)
-            read = frozenset((ANY_TABLE,)) if reads else frozenset()
+            if collector is not None and reads:
+                collector.tables.add(ANY_TABLE)
         elif context.isinsert or context.isupdate or context.isdelete:
             written = _writes_of(compiled)
-            read = frozenset()
         elif context.isddl:
             written = _ddl_writes(compiled)
-            read = frozenset()
         else:
-            written = frozenset()
-            read = frozenset()
-            collector = _collector.get()
             if collector is not None:
                 collector.tables.update(_reads_of(compiled))
             return
-        collector = _collector.get()
-        if collector is not None:
-            collector.tables.update(read)
-            if written:
-                collector.wrote = True
         if written:
-            info = conn.info
+            if collector is not None:
+                collector.wrote = True
+            info = context.root_connection.info
             pending = info.get(_WRITTEN)
             if pending is None:
                 info[_WRITTEN] = pending = set()
             pending.update(written)
 
-    def after_cursor_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
+    def after_statement(self, context: Any) -> None:
         # with AUTOCOMMIT the driver committed already: there will be no COMMIT
-        is_auto = getattr(conn, "_is_autocommit_isolation", None)
-        if is_auto is not None and is_auto():
-            pending = conn.info.pop(_WRITTEN, None)
+        conn = context.root_connection
+        info = conn.info
+        if _WRITTEN in info and conn._is_autocommit_isolation():
+            pending = info.pop(_WRITTEN, None)
             if pending:
                 self.committed(pending)
 
-    def rollback(self, conn: Connection) -> None:
-        conn.info.pop(_WRITTEN, None)
+    def after_commit(self, info: Any) -> None:
+        pending = info.pop(_WRITTEN, None) if info is not None else None
+        if pending:
+            self.committed(pending)
 
 
 _watches: weakref.WeakKeyDictionary[Engine, _EngineWatch] = weakref.WeakKeyDictionary()
 _watches_lock = threading.Lock()  # guards _watches and the one-time engine setup
 
 
-def _wrap_do_commit(engine: Engine, watch: _EngineWatch) -> None:
+def _info_of(dbapi_connection: Any) -> Any:
+    """The info dict of the pool's proxied connection (the Connection's ``info``);
+    ``None`` for a connection without one (a detached or raw connection)."""
+    try:
+        return dbapi_connection.info
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _wrap_dialect(engine: Engine, watch: _EngineWatch) -> None:
+    """Wrap the engine's dialect methods that run statements and end transactions.
+
+    Wrapping the dialect, rather than listening to engine events, keeps the
+    engine on SQLAlchemy's event-free fast path and is the only way to run code
+    after the driver's COMMIT: ``ConnectionEvents.commit`` fires before it.
+    Each dialect instance belongs to one engine (and its ``execution_options``
+    copies), and is wrapped once.
+    """
     dialect = engine.dialect
     if getattr(dialect, "_sqla_cachelayer_wrapped", False):
         return
-    original = dialect.do_commit
     watch_ref = weakref.ref(watch)
+    do_execute = dialect.do_execute
+    do_executemany = dialect.do_executemany
+    do_execute_no_params = dialect.do_execute_no_params
+    do_commit = dialect.do_commit
+    do_commit_twophase = dialect.do_commit_twophase
+    do_rollback = dialect.do_rollback
 
-    def do_commit(dbapi_connection: Any) -> None:
-        original(dbapi_connection)
-        info = getattr(dbapi_connection, "info", None)
-        if info is None:
+    def wrapped_execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        current = watch_ref() if context is not None else None
+        if current is None:
+            do_execute(cursor, statement, parameters, context)
             return
-        pending = info.pop(_WRITTEN, None)
-        if pending:
-            current = watch_ref()
-            if current is not None:
-                current.committed(pending)
+        current.before_statement(statement, context)
+        do_execute(cursor, statement, parameters, context)
+        current.after_statement(context)
 
-    original_twophase = dialect.do_commit_twophase
+    def wrapped_executemany(
+        cursor: Any, statement: str, parameters: Any, context: Any = None
+    ) -> None:
+        current = watch_ref() if context is not None else None
+        if current is None:
+            do_executemany(cursor, statement, parameters, context)
+            return
+        current.before_statement(statement, context)
+        do_executemany(cursor, statement, parameters, context)
+        current.after_statement(context)
 
-    def do_commit_twophase(connection: Any, xid: Any, *args: Any, **kw: Any) -> None:
-        original_twophase(connection, xid, *args, **kw)
-        pending = connection.info.pop(_WRITTEN, None)
-        if pending:
-            current = watch_ref()
-            if current is not None:
-                current.committed(pending)
+    def wrapped_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
+        current = watch_ref() if context is not None else None
+        if current is None:
+            do_execute_no_params(cursor, statement, context)
+            return
+        current.before_statement(statement, context)
+        do_execute_no_params(cursor, statement, context)
+        current.after_statement(context)
 
-    dialect.do_commit = do_commit  # type: ignore[method-assign]
-    dialect.do_commit_twophase = do_commit_twophase  # type: ignore[method-assign]
+    def wrapped_commit(dbapi_connection: Any) -> None:
+        do_commit(dbapi_connection)
+        current = watch_ref()
+        if current is not None:
+            current.after_commit(_info_of(dbapi_connection))
+
+    def wrapped_commit_twophase(connection: Any, xid: Any, *args: Any, **kw: Any) -> None:
+        do_commit_twophase(connection, xid, *args, **kw)
+        current = watch_ref()
+        if current is not None:
+            current.after_commit(connection.info)
+
+    def wrapped_rollback(dbapi_connection: Any) -> None:
+        info = _info_of(dbapi_connection)
+        if info is not None:
+            info.pop(_WRITTEN, None)  # nothing written reached the database
+        do_rollback(dbapi_connection)
+
+    dialect.do_execute = wrapped_execute  # type: ignore[method-assign]
+    dialect.do_executemany = wrapped_executemany  # type: ignore[method-assign]
+    dialect.do_execute_no_params = wrapped_execute_no_params  # type: ignore[method-assign]
+    dialect.do_commit = wrapped_commit  # type: ignore[method-assign]
+    dialect.do_commit_twophase = wrapped_commit_twophase  # type: ignore[method-assign]
+    dialect.do_rollback = wrapped_rollback  # type: ignore[method-assign]
     dialect._sqla_cachelayer_wrapped = True  # type: ignore[attr-defined]
 
 
@@ -464,10 +499,7 @@ def watch_engine(engine: Engine, key: int, callback: CommitCallback) -> None:
         if watch is None:
             watch = _EngineWatch(engine)
             _watches[engine] = watch
-            event.listen(engine, "before_cursor_execute", watch.before_cursor_execute)
-            event.listen(engine, "after_cursor_execute", watch.after_cursor_execute)
-            event.listen(engine, "rollback", watch.rollback)
-            _wrap_do_commit(engine, watch)
+            _wrap_dialect(engine, watch)
     watch.add(key, callback)
 
 
