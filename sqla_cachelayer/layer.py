@@ -74,6 +74,7 @@ class _RegionState:
         self.index = index
         self.store: StampStore = store_for_region(region, f"{namespace}:{name}")
         self.prefix = f"{namespace}:{name}:"
+        self.query_prefix = self.prefix + "q:"
         self.expiration_time: float | None = region.expiration_time or None
         # lock guards: pending, down_until (never held across I/O)
         self.lock = threading.Lock()
@@ -519,7 +520,7 @@ class CacheLayer:
 
     def _session_written(self, session: Session) -> set[str] | None:
         tx = session.get_transaction()
-        if tx is None:
+        if tx is None or not tx._connections:
             return None
         written: set[str] | None = None
         for entry in tx._connections.values():
@@ -578,7 +579,7 @@ class CacheLayer:
             stats.incr("bypasses")
             return None
         rs = hint.region
-        if not self._usable(rs):
+        if (rs.down_until or rs.pending) and not self._usable(rs):
             stats.incr("bypasses")
             return None
 
@@ -599,7 +600,7 @@ class CacheLayer:
                 # as in SQLAlchemy 2.x's example: the caller's string is added
                 extra += "|k:" + hint.cache_key
             key = _keys.query_key(
-                rs.prefix + "q:",
+                rs.query_prefix,
                 digest,
                 [bp.effective_value for bp in ck.bindparams],
                 ck.params,
@@ -680,10 +681,11 @@ class CacheLayer:
             self._stats.incr("stale")
             return None
         metadata = self._metadata.get(digest) or record.metadata
-        load_options = tuple(
-            opt
-            for opt in orm_context.statement._with_options
-            if getattr(opt, "propagate_to_loaders", False)
+        options = orm_context.statement._with_options
+        load_options = (
+            tuple(opt for opt in options if getattr(opt, "propagate_to_loaders", False))
+            if options
+            else ()
         )
         return _result_from_record(orm_context.session, record, metadata, load_options)
 

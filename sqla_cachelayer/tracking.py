@@ -4,8 +4,8 @@ One mechanism covers every write path of design G4: the dialect of each engine
 the layer knows is wrapped (``do_execute`` and its siblings), so every statement
 that reaches the driver is seen -- ORM flushes (association and inheritance
 tables included), ORM bulk DML, Core DML, textual SQL and DDL -- and the tables
-written are recorded on the
-DBAPI connection (``connection.info``). After the driver's COMMIT returns, the
+written are recorded on the DBAPI connection (``connection.info``). After the
+driver's COMMIT returns, the
 recorded set is handed to the layers watching the engine, which bump the
 tables' stamps before ``commit()`` returns to the caller. SQLAlchemy has no
 after-commit event for Core (``ConnectionEvents.commit`` fires *before* the
