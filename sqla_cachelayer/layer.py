@@ -481,6 +481,7 @@ class CacheLayer:
         found: Any = None
         for opt in orm_context.user_defined_options:
             if isinstance(opt, NoCache):
+                self._stats.incr("bypasses")  # an explicit opt-out of a cacheable query
                 return None
             if isinstance(opt, FromCache):
                 found = opt
@@ -499,6 +500,7 @@ class CacheLayer:
         else:
             name = exec_opts.get("cache_region", _NO_HINT)
             if name is None:
+                self._stats.incr("bypasses")
                 return None
             if name is _NO_HINT:
                 if not self.cache_all:

@@ -70,3 +70,25 @@ def test_async_concurrent_misses_do_not_stall_the_loop(tmp_path: Any) -> None:
         await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_install_on_one_async_session(tmp_path: Any) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/one.db")
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        async with engine.connect() as conn:
+            await conn.run_sync(lambda c: seed(sessionmaker(c)))
+            await conn.commit()
+        layer = CacheLayer({"default": make_region().configure("dogpile.cache.memory")})
+        stmt = select(User.name).where(User.id == 2).options(FromCache())
+        async with AsyncSession(engine) as s:
+            assert layer.install(s) is s
+            assert (await s.execute(stmt)).scalar_one() == "user2"
+            assert (await s.execute(stmt)).scalar_one() == "user2"
+        assert layer.stats()["hits"] == 1
+        await engine.dispose()
+
+    asyncio.run(main())
