@@ -61,7 +61,6 @@ log = logging.getLogger("sqla_cachelayer")
 
 T = TypeVar("T")
 
-_SHADOW = "_sqla_cachelayer_shadow"
 _NO_HINT = object()
 
 
@@ -563,16 +562,15 @@ class CacheLayer:
             # recorded with their parent query
             return None
         session = orm_context.session
-        if session.info.get(_SHADOW):
-            return None
         hint = self._hint(orm_context)
         if hint is None:
             return None
         stats = self._stats
         exec_opts = orm_context.execution_options
         statement = orm_context.statement
+        load_options = orm_context.load_options
         if (
-            orm_context.is_column_load
+            load_options._refresh_state is not None  # a refresh / expired-attribute load
             or exec_opts.get("populate_existing")
             or exec_opts.get("yield_per")
             or exec_opts.get("stream_results")
@@ -586,7 +584,7 @@ class CacheLayer:
             return None
 
         # a hit must leave the session as a miss would: autoflush first
-        if orm_context.load_options._autoflush:
+        if load_options._autoflush:
             session._autoflush()
 
         try:
