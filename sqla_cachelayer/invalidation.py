@@ -78,20 +78,33 @@ ANY_TABLE = "*any*"
 log = logging.getLogger("sqla_cachelayer")
 
 
+#: in-process single-flight locks per store (see StampStore.mutex)
+_STRIPES = 1024
+
+
 def _floor() -> int:
     return time.time_ns() // 1000
 
 
 class Lookup(NamedTuple):
-    """What one read of the backend returns."""
+    """What one read of the backend returns.
 
-    payload: bytes | None
+    ``payload`` is the stored bytes, or, for stores that keep objects
+    (:attr:`StampStore.stores_objects`), possibly the record object itself.
+    """
+
+    payload: Any
     seq: int | None
     stamps: list[int | None]
 
 
 class StampStore(ABC):
     """Entries plus the counters of the protocol, for one region's backend."""
+
+    #: True when the backend keeps Python objects by reference in this process
+    #: (no serialization, no size accounting by bytes): a record whose values
+    #: are all immutable may then be stored as the object itself, unpickled
+    stores_objects = False
 
     def __init__(self, region: CacheRegion, namespace: str) -> None:
         self.region = region
@@ -101,6 +114,13 @@ class StampStore(ABC):
         backend = region.backend
         self._backend = backend
         self._serialized = bool(region.serializer)
+        actual = region.actual_backend
+        try:
+            probe = actual.get_mutex(f"{namespace}:probe")
+        except Exception:  # a backend that cannot answer now: keep dogpile's behaviour
+            probe = True
+        self._distributed_mutex = probe is not None
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
     def mangle(self, key: str) -> str:
         mangler = self.region.key_mangler
@@ -115,19 +135,21 @@ class StampStore(ABC):
         return key
 
     # entries ---------------------------------------------------------------
-    def _decode_entry(self, raw: Any) -> bytes | None:
+    def _decode_entry(self, raw: Any) -> Any:
         if raw is NO_VALUE or raw is None:
             return None
         if isinstance(raw, CachedValue):
             raw = raw.payload
-        return raw if isinstance(raw, bytes) else None
+        if isinstance(raw, bytes) or (self.stores_objects and raw is not None):
+            return raw
+        return None
 
-    def read_entry(self, key: str) -> bytes | None:
+    def read_entry(self, key: str) -> Any:
         if self._serialized:
             return self._decode_entry(self._backend.get_serialized(key))
         return self._decode_entry(self._backend.get(key))
 
-    def write_entry(self, key: str, payload: bytes) -> None:
+    def write_entry(self, key: str, payload: Any) -> None:
         if self._serialized:
             self._backend.set_serialized(key, payload)
         else:
@@ -137,8 +159,17 @@ class StampStore(ABC):
         self._backend.delete(key)
 
     def mutex(self, key: str) -> Any:
-        """The per-key single-flight lock (dogpile's: distributed where configured)."""
-        return self.region._mutex(key)  # type: ignore[no-untyped-call]
+        """The per-key single-flight lock.
+
+        The backend's own where it has one (distributed: Redis with
+        ``distributed_lock``, the SQLite file); otherwise one of a fixed set of
+        in-process locks picked by the key's hash, cheaper than dogpile's
+        per-key registry. Two keys sharing a stripe only make one miss wait for
+        the other's query, after which it looks again and runs its own.
+        """
+        if self._distributed_mutex:
+            return self.region._mutex(key)  # type: ignore[no-untyped-call]
+        return self._stripes[hash(key) % _STRIPES]
 
     # protocol ----------------------------------------------------------------
     @abstractmethod
@@ -174,6 +205,8 @@ class LocalStampStore(StampStore):
                 LocalStampStore._shared[backend] = found
         # _lock guards _counters for bumps and adds; reads are single dict lookups
         self._lock, self._counters = found
+        # dogpile.cache.memory keeps values by reference (memory_pickle does not)
+        self.stores_objects = type(backend).__name__ == "MemoryBackend"
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         counters = self._counters
@@ -210,6 +243,10 @@ class CounterStampStore(StampStore):
         super().__init__(region, namespace)
         # the counter methods live on the real backend, under any proxies
         self._backend = region.actual_backend
+        # the bounded in-process backend keeps objects, unless it counts bytes
+        self.stores_objects = (
+            not self._serialized and getattr(self._backend, "max_bytes", 0) is None
+        )
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]

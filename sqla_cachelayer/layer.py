@@ -44,10 +44,12 @@ from .records import (
     REQUIRES_UNIQUE,
     BadSignature,
     NotRecordable,
+    Record,
     Signer,
     dump_record,
     load_record,
     record_from_frozen,
+    record_is_shareable,
     restore_unique_requirement,
 )
 from .records import result_from_record as _result_from_record
@@ -663,9 +665,12 @@ class CacheLayer:
             return None
         try:
             payload = found.payload
-            if self._signer is not None:
-                payload = self._signer.verify(payload)
-            record = load_record(payload)
+            if type(payload) is Record:
+                record = payload  # kept as an object by an in-process backend
+            else:
+                if self._signer is not None:
+                    payload = self._signer.verify(payload)
+                record = load_record(payload)
         except BadSignature as err:
             self._stats.incr("errors")
             log.error("sqla_cachelayer: region %r: %s; entry ignored", rs.name, err)
@@ -800,9 +805,15 @@ class CacheLayer:
             return
         try:
             record = record_from_frozen(frozen, marker, snapshot_seq, tables)
-            payload = dump_record(record)
-            if self._signer is not None:
-                payload = self._signer.sign(payload)
+            payload: Any
+            if rs.store.stores_objects and self._signer is None and record_is_shareable(record):
+                # an in-process backend keeping objects by reference, and only
+                # immutable values: the record itself serves every hit as is
+                payload = record
+            else:
+                payload = dump_record(record)
+                if self._signer is not None:
+                    payload = self._signer.sign(payload)
         except (NotRecordable, Exception) as err:
             log.debug("sqla_cachelayer: result not recordable: %s", err)
             stats.incr("not_stored")

@@ -18,6 +18,13 @@ identity map as persistent objects -- the way the ORM's own loader does, without
 is the one returned, and keeps its attributes and pending changes; only its
 unloaded attributes are filled in, as a database load would.
 
+In-process backends that keep values by reference (``dogpile.cache.memory``,
+``sqla_cachelayer.memory`` without ``max_bytes``) are given the record object
+itself, unpickled, when every value it would hand out is immutable (numbers,
+strings, dates, ...): a miss then pays no pickling and a hit no unpickling.
+A record holding a mutable value (a JSON document, a list) is always pickled,
+and unpickled afresh by every hit, so no two sessions share one.
+
 Backends that hand back the stored ``bytes`` object itself (the in-process
 ones) let a hit skip the unpickling: :func:`load_record` keeps the last few
 decoded records, keyed by the identity of their payload, and reuses one when
@@ -60,6 +67,7 @@ __all__ = [
     "dump_record",
     "load_record",
     "record_from_frozen",
+    "record_is_shareable",
 ]
 
 _FORMAT: Final = 2
@@ -259,6 +267,12 @@ def _immutable(value: Any) -> bool:
     if t is tuple or t is frozenset:
         return all(_immutable(v) for v in value)
     return isinstance(value, enum.Enum)  # members are singletons, pickled by name
+
+
+def record_is_shareable(record: Record) -> bool:
+    """True when every value a hit hands out from ``record`` is immutable, so
+    one record object may serve many sessions at once."""
+    return _shareable(record)
 
 
 def _shareable(record: Record) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Integer, String, Table
+from typing import Any
+
+from sqlalchemy import JSON, Column, ForeignKey, Integer, String, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, reconstructor, relationship
 
 
@@ -62,6 +64,14 @@ class Manager(Employee):
     __mapper_args__ = {"polymorphic_identity": "manager"}
 
 
+class Doc(Base):
+    """Mutable values (JSON): a hit must never hand out a shared one."""
+
+    __tablename__ = "docs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
 class Counter(Base):
     __tablename__ = "counters"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -78,4 +88,5 @@ def seed(session_factory) -> None:  # type: ignore[no-untyped-def]
             s.add(u)
         s.add_all([Employee(id=1, name="emp"), Manager(id=2, name="boss", budget=100)])
         s.add(Counter(id=1, value=0))
+        s.add(Doc(id=1, data={"tags": ["a"], "n": 1}))
         s.commit()

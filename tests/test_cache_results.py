@@ -233,3 +233,17 @@ def test_legacy_query_api(env: Any) -> None:
             users = s.query(User).options(FromCache()).filter(User.id < 3).order_by(User.id).all()
             assert [u.name for u in users] == ["user1", "user2"]
     assert env.layer.stats()["hits"] == 1
+
+
+def test_mutable_values_are_never_shared_between_hits(env: Any) -> None:
+    from _models import Doc
+
+    stmt = select(Doc).where(Doc.id == 1).options(FromCache())
+    for _ in range(3):
+        with env.Session() as s:
+            doc = s.scalars(stmt).one()
+            assert doc.data == {"tags": ["a"], "n": 1}
+            doc.data["tags"].append("mutated in place")  # never flushed
+            doc.data["n"] = 99
+            s.rollback()
+    assert env.layer.stats()["hits"] == 2
