@@ -49,6 +49,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from sqla_cachelayer._coerce import parse_bool
 from sqla_cachelayer.exc import ConfigurationError
 
 if TYPE_CHECKING:
@@ -153,21 +154,11 @@ def _as_float(value: object, *, minimum: float | None = None) -> float:
     return number
 
 
-_TRUE: Final = frozenset({"true", "yes", "on", "1"})
-_FALSE: Final = frozenset({"false", "no", "off", "0"})
-
-
 def _as_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
+    if isinstance(value, (bool, str)) or (isinstance(value, int) and value in (0, 1)):
+        parsed = parse_bool(value)
+        if parsed is not None:
+            return parsed
     raise ValueError(f"expected true or false, got {value!r}")
 
 

@@ -16,12 +16,11 @@ from dogpile.cache import make_region
 from dogpile.cache import region as _dogpile_region
 from dogpile.cache.region import CacheRegion
 
+from ._coerce import parse_bool
 from .exc import ConfigurationError
 
 __all__ = ["LayerSettings", "RegionSettings", "build_region", "parse_settings"]
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0", ""}
 
 #: backend used when no region is configured at all: bounded, in-process
 EMBEDDED_BACKEND = "sqla_cachelayer.memory"
@@ -42,14 +41,12 @@ def bad_setting(key: str, value: Any, why: str) -> ConfigurationError:
 
 
 def coerce_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise bad_setting(key, value, "expected true or false")
+    if isinstance(value, str) and not value.strip():
+        return False  # ``cache_all =`` left blank in an ini file: the default
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise bad_setting(key, value, "expected true or false")
+    return parsed
 
 
 def coerce_seconds(key: str, value: Any, *, allow_none: bool = True) -> float | None:

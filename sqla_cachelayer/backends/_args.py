@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sqla_cachelayer._coerce import parse_bool
 from sqla_cachelayer.exc import ConfigurationError
 
 __all__ = [
@@ -46,8 +47,6 @@ _UNITS = {
     "gib": 1024**3,
 }
 _SIZE_RE = re.compile(r"^\s*(\d[\d_]*)\s*([a-z]*)\s*$", re.IGNORECASE)
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _fail(backend: str, name: str, value: object, expected: str) -> ConfigurationError:
@@ -188,14 +187,10 @@ def coerce_bool(backend: str, arguments: Mapping[str, Any], name: str, default: 
     value = arguments.get(name, _MISSING)
     if value is _MISSING or value is None:
         return default
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise _fail(backend, name, value, "true or false")
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise _fail(backend, name, value, "true or false")
+    return parsed
 
 
 def coerce_str(
