@@ -381,7 +381,9 @@ class _EngineWatch:
         if written:
             if collector is not None:
                 collector.wrote = True
-            info = context.root_connection.info
+            info = _info_of(context.root_connection)
+            if info is None:
+                return  # SQLAlchemy's own first-connect statements: nothing to track
             pending = info.get(_WRITTEN)
             if pending is None:
                 info[_WRITTEN] = pending = set()
@@ -390,8 +392,8 @@ class _EngineWatch:
     def after_statement(self, context: Any) -> None:
         # with AUTOCOMMIT the driver committed already: there will be no COMMIT
         conn = context.root_connection
-        info = conn.info
-        if _WRITTEN in info and conn._is_autocommit_isolation():
+        info = _info_of(conn)
+        if info is not None and _WRITTEN in info and conn._is_autocommit_isolation():
             pending = info.pop(_WRITTEN, None)
             if pending:
                 self.committed(pending)
@@ -406,13 +408,18 @@ _watches: weakref.WeakKeyDictionary[Engine, _EngineWatch] = weakref.WeakKeyDicti
 _watches_lock = threading.Lock()  # guards _watches and the one-time engine setup
 
 
-def _info_of(dbapi_connection: Any) -> Any:
-    """The info dict of the pool's proxied connection (the Connection's ``info``);
-    ``None`` for a connection without one (a detached or raw connection)."""
+def _info_of(dbapi_connection: Any) -> dict[Any, Any] | None:
+    """The info dict of a Connection or of the pool's proxied connection;
+    ``None`` for one without it: the ad-hoc connection of SQLAlchemy's first
+    connect (whose ``info`` raises ``NotImplementedError``, which the dialect's
+    ``initialize`` would take as "no server version"), a detached one, or a raw
+    DBAPI connection, whose own ``info`` (psycopg's ``ConnectionInfo``) is not
+    ours."""
     try:
-        return dbapi_connection.info
+        info = dbapi_connection.info
     except (AttributeError, NotImplementedError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def _wrap_dialect(engine: Engine, watch: _EngineWatch) -> None:

@@ -315,3 +315,28 @@ def test_two_phase_commit_invalidates(make_env: Any, pg_engine_url: str) -> None
     truth = _names(env, USERS.options(NoCache()))
     assert truth != before
     assert _names(env, USERS) == truth
+
+
+def test_engine_watched_before_its_first_connection(pg_engine_url: str) -> None:
+    """The dialect is wrapped before SQLAlchemy's first connect initializes it
+    (psycopg's raw connections carry an ``info`` of their own)."""
+    import sqla_cachelayer as scl
+    from _models import Base, seed
+    from dogpile.cache import make_region
+
+    engine = scl.engine_from_config({"sqlalchemy.url": pg_engine_url})
+    layer = scl.CacheLayer({"default": make_region().configure("dogpile.cache.memory")})
+    Session = layer.install(sessionmaker(engine))  # watches the engine: no connection yet
+    Base.metadata.create_all(engine)
+    seed(Session)
+    stmt = select(User.name).where(User.id == 1).options(FromCache())
+    for expected in ("user1", "user1"):
+        with Session() as s:
+            assert s.execute(stmt).scalar_one() == expected
+    with Session() as s:
+        s.get(User, 1).name = "pg"
+        s.commit()
+    with Session() as s:
+        assert s.execute(stmt).scalar_one() == "pg"
+    assert layer.stats()["hits"] == 1
+    engine.dispose()
