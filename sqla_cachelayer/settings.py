@@ -187,6 +187,9 @@ def build_region(spec: RegionSettings, prefix: str = "cachelayer.") -> CacheRegi
     if spec.backend.startswith("dogpile.cache.redis"):
         for name, default in REDIS_TIMEOUT_DEFAULTS.items():
             arguments.setdefault(name, default)
+        if parse_bool(arguments.get("distributed_lock", False)):
+            # dogpile's advice: a thread-local token breaks the distributed lock
+            arguments.setdefault("thread_local_lock", False)
     config: dict[str, Any] = {"r.backend": spec.backend}
     if spec.expiration_time is not None:
         config["r.expiration_time"] = spec.expiration_time
