@@ -480,7 +480,14 @@ class CacheLayer:
 
     def _hint(self, orm_context: ORMExecuteState) -> _Hint | None:
         found: Any = None
-        for opt in orm_context.user_defined_options:
+        statement = orm_context.statement
+        # the statement's own options, unless legacy with_entities() added more
+        options = (
+            orm_context.user_defined_options
+            if getattr(statement, "_memoized_select_entities", None)
+            else statement._with_options
+        )
+        for opt in options:
             if isinstance(opt, NoCache):
                 self._stats.incr("bypasses")  # an explicit opt-out of a cacheable query
                 return None

@@ -89,6 +89,7 @@ class Record:
         "_metadata",
         "_metadata_blob",
         "_prepared",
+        "_result_attributes",
         "attributes",
         "created",
         "entity_positions",
@@ -116,6 +117,7 @@ class Record:
         self._metadata: ResultMetaData | None = metadata
         self._metadata_blob: bytes | None = None
         self._prepared: list[tuple[dict[str, Any], tuple[str, ...]]] | None = None
+        self._result_attributes: Any = None
         self.attributes = attributes
         self.scalars_source = scalars_source
         self.rows = rows
@@ -173,6 +175,7 @@ class Record:
         ) = state
         self._metadata = None
         self._prepared = None
+        self._result_attributes = None
 
 
 class BadSignature(Exception):
@@ -483,9 +486,16 @@ def result_from_record(
     else:
         data = rows
     result: IteratorResult[Any] = IteratorResult(metadata, iter(data))
-    result._attributes = util.immutabledict(record.attributes)
+    attributes = record._result_attributes
+    if attributes is None:
+        # built once per record: a record kept by an in-process backend serves
+        # many hits, and the ORM never mutates a result's attributes
+        attributes = record._result_attributes = util.immutabledict(record.attributes)
+    result._attributes = attributes
     result._source_supports_scalars = record.scalars_source
-    return restore_unique_requirement(result)
+    if REQUIRES_UNIQUE in attributes:
+        return restore_unique_requirement(result)
+    return result
 
 
 #: marks, in a result's attributes, the ORM's "call unique() first" rule
@@ -551,8 +561,6 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
     objs: list[Any] = []
     fresh: list[bool] = []
     load_events: list[InstanceState[Any]] = []
-    session_dispatch = session.dispatch
-    persistent_evt = bool(session_dispatch.loaded_as_persistent)
     append = objs.append
     append_fresh = fresh.append
     # class -> (mapper, new_instance, has load listeners)
@@ -614,7 +622,8 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
                 attributes.set_committed_value(obj, key, [objs[i] for i in value])
     for state in load_events:
         state.manager.dispatch.load(state, None)
-    if persistent_evt:
+    session_dispatch = session.dispatch
+    if session_dispatch.loaded_as_persistent:
         for position, obj in enumerate(objs):
             if fresh[position]:
                 session_dispatch.loaded_as_persistent(session, instance_state(obj))
