@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from dogpile.cache.region import CacheRegion
@@ -846,7 +846,3 @@ class CacheLayer:
     # ------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"<CacheLayer regions={sorted(self._states)} default={self.default_region!r}>"
-
-
-def _iter_regions(regions: Mapping[str, CacheRegion] | Iterable[tuple[str, CacheRegion]]) -> Any:
-    return regions.items() if isinstance(regions, Mapping) else regions
