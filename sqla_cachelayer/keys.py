@@ -34,18 +34,17 @@ import hashlib
 import itertools
 import os
 import pickle
-import threading
 import uuid
 import weakref
 from collections.abc import Mapping
 from typing import Any, Final, Generic, TypeVar
 
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.selectable import TableClause
 
-__all__ = ["Uncacheable", "database_identity", "query_key"]
+__all__ = ["Uncacheable", "database_identity", "query_key", "structure_digest"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -161,35 +160,34 @@ def _encode_value(value: Any, out: list[bytes]) -> None:
             raise Uncacheable(f"bound value of type {t.__name__} cannot be keyed") from err
 
 
-class StructureDigests:
-    """Stable digests of statement structures, memoized per process."""
+def structure_digest(structure: tuple[Any, ...]) -> bytes:
+    """A stable digest of a statement's structure (SQLAlchemy's ``CacheKey.key``).
 
-    def __init__(self, maxsize: int = 2000) -> None:
-        self._memo: BoundedMemo[Any, bytes] = BoundedMemo(maxsize)
-
-    def digest(self, structure: tuple[Any, ...]) -> bytes:
-        found = self._memo.get(structure)
-        if found is None:
-            out: list[str] = []
-            _encode_structure(structure, out)
-            found = hashlib.blake2b("".join(out).encode(), digest_size=20).digest()
-            self._memo.put(structure, found)
-        return found
+    Stable across processes for everything that has a stable encoding; an
+    object without one gets a label unique to this call, so it can never share
+    a digest with another statement (the caller memoizes per structure).
+    """
+    out: list[str] = []
+    _encode_structure(structure, out)
+    return hashlib.blake2b("".join(out).encode(), digest_size=20).digest()
 
 
-_db_identities: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
-_db_identities_lock = threading.Lock()  # guards _db_identities (a WeakKeyDictionary is not atomic)
+# id(engine) -> (a weak reference to it, its identity). The reference tells a
+# reused id apart; its callback drops the entry (at worst another engine's,
+# which is then recomputed). Single dict operations: atomic under the GIL.
+_db_identities: dict[int, tuple[weakref.ref[Engine], str]] = {}
 
 
 def database_identity(bind: Engine | Connection, schema_translate_map: Any = None) -> str:
     """The part of a key that names the database: URL (no password) and schema map."""
     engine = bind.engine
-    ident = _db_identities.get(engine)
-    if ident is None:
-        url: URL = engine.url
-        ident = url.render_as_string(hide_password=True)
-        with _db_identities_lock:
-            _db_identities[engine] = ident
+    found = _db_identities.get(id(engine))
+    if found is not None and found[0]() is engine:
+        ident = found[1]
+    else:
+        ident = engine.url.render_as_string(hide_password=True)
+        key = id(engine)
+        _db_identities[key] = (weakref.ref(engine, lambda _: _db_identities.pop(key, None)), ident)
     if schema_translate_map:
         ident += "|" + repr(sorted(schema_translate_map.items(), key=repr))
     return ident

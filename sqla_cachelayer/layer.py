@@ -11,8 +11,10 @@ Concurrency: one layer is shared by every thread and session.
 * ``_RegionState.lock`` guards a region's breaker and pending invalidations; it
   is never held across backend I/O.
 * :class:`~sqla_cachelayer.stats.Stats` has its own lock, held per increment.
-* The memos (statement digests, tables read, result metadata) are bounded,
-  lock-free dicts: a lost race only recomputes.
+* The memos (``_shapes``: per statement structure its digest, the tables it
+  read and its result metadata; ``_hints``) are bounded, lock-free dicts; a
+  shape's attributes are replaced whole, never mutated: a lost race only
+  recomputes.
 * The only lock held across I/O is the per-key single-flight mutex of a miss
   (dogpile's, distributed where the backend offers one): later misses of the
   same key wait there for the first one's query (G6).
@@ -34,6 +36,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.orm import loading as _orm_loading
+from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.util.concurrency import in_greenlet
 
 from . import keys as _keys
@@ -64,6 +67,8 @@ log = logging.getLogger("sqla_cachelayer")
 T = TypeVar("T")
 
 _NO_HINT = object()
+_ALL_ONLY = (ALL_TABLES,)  # the tables of a statement never seen: only invalidate_all's
+_DEFAULT_LOAD_OPTIONS = QueryContext.default_load_options
 
 
 class _RegionState:
@@ -86,7 +91,27 @@ class _RegionState:
         self.last_seen = 0
 
 
+class _Shape:
+    """What this process has learned about one statement structure.
+
+    Found by SQLAlchemy's cache-key tuple (``CacheKey.key``), so the hit path
+    pays one dict lookup for all of it. The attributes are only ever replaced
+    whole (each a single atomic store), never mutated.
+    """
+
+    __slots__ = ("digest", "metadata", "tables")
+
+    def __init__(self, digest: bytes) -> None:
+        self.digest = digest
+        #: the tables its result read, as recorded on a miss
+        self.tables: tuple[str, ...] | None = None
+        #: its full result metadata (a pickled record's loses the ORM's lookup extras)
+        self.metadata: Any = None
+
+
 class _Hint:
+    """A resolved cache hint; memoized per layer, shared, never mutated."""
+
     __slots__ = ("cache_key", "expiration_time", "ignore_expiration", "region")
 
     def __init__(
@@ -140,7 +165,7 @@ class CacheLayer:
         namespace: str = "scl",
         breaker_reset_seconds: float = 5.0,
         signing_key: str | bytes | None = None,
-        metadata_memo_size: int = 2000,
+        shape_memo_size: int = 2000,
     ) -> None:
         if regions is None:
             regions = {
@@ -184,11 +209,12 @@ class CacheLayer:
         self._state_list = list(self._states.values())
         self.regions: Mapping[str, CacheRegion] = {n: s.region for n, s in self._states.items()}
         self._stats = Stats()
-        self._digests = _keys.StructureDigests()
-        # statement digest -> tables its result read (as recorded on a miss)
-        self._tables: _keys.BoundedMemo[bytes, tuple[str, ...]] = _keys.BoundedMemo(10_000)
-        # statement digest -> full result metadata (pickling drops lookup extras)
-        self._metadata: _keys.BoundedMemo[bytes, Any] = _keys.BoundedMemo(metadata_memo_size)
+        # SQLAlchemy cache-key tuple -> what we know of that statement structure
+        self._shapes: _keys.BoundedMemo[tuple[Any, ...], _Shape] = _keys.BoundedMemo(
+            shape_memo_size
+        )
+        # (region, expiration, cache_key, ignore_expiration) -> its _Hint
+        self._hints: _keys.BoundedMemo[tuple[Any, ...], _Hint] = _keys.BoundedMemo(1000)
         # install state; guarded by _install_lock
         self._install_lock = threading.Lock()
         self._installed: dict[int, Any] = {}
@@ -500,11 +526,13 @@ class CacheLayer:
         exec_opts = orm_context.execution_options
         if found is not None:
             name = found.region
+            if name is DEFAULT_REGION:
+                # told apart by identity: it equals (and hashes as) "default"
+                name = self.default_region
             expiration = found.expiration_time
             if expiration is None:
                 expiration = exec_opts.get("cache_expiration_time")
-            cache_key = found.cache_key
-            ignore = getattr(found, "ignore_expiration", False)
+            spec = (name, expiration, found.cache_key, found.ignore_expiration)
         else:
             name = exec_opts.get("cache_region", _NO_HINT)
             if name is None:
@@ -514,19 +542,25 @@ class CacheLayer:
                 if not self.cache_all:
                     return None
                 name = self.default_region
-            expiration = exec_opts.get("cache_expiration_time")
-            cache_key = None
-            ignore = False
-        if name is DEFAULT_REGION:
-            name = self.default_region
-        rs = self._states.get(name)
+            spec = (name, exec_opts.get("cache_expiration_time"), None, False)
+        try:
+            hint = self._hints.get(spec)
+        except TypeError:  # an unhashable value in an execution option
+            return self._resolve_hint(spec, memo=False)
+        return hint if hint is not None else self._resolve_hint(spec, memo=True)
+
+    def _resolve_hint(self, spec: tuple[Any, ...], memo: bool) -> _Hint | None:
+        name, expiration, cache_key, ignore = spec
+        rs = self._states.get(name) if isinstance(name, str) else None
         if rs is None:
             # a hint naming a region this layer does not have: not our query
             # (several layers may share a session); never an error at query time
             return None
-        if expiration is not None:
-            expiration = float(expiration)
-        return _Hint(rs, expiration, cache_key, ignore)
+        expiration = float(expiration) if expiration is not None else rs.expiration_time
+        hint = _Hint(rs, expiration, cache_key, bool(ignore))
+        if memo:
+            self._hints.put(spec, hint)
+        return hint
 
     def _session_written(self, session: Session) -> set[str] | None:
         tx = session.get_transaction()
@@ -566,18 +600,19 @@ class CacheLayer:
         return 0
 
     def _do_orm_execute(self, orm_context: ORMExecuteState) -> Any:
+        # This is the hit path: every line here runs for every cached query.
         if not orm_context.is_select or collecting_now():
             # DML is tracked on the engine; eager loads inside a miss are
             # recorded with their parent query
             return None
-        session = orm_context.session
         hint = self._hint(orm_context)
         if hint is None:
             return None
+        session = orm_context.session
         stats = self._stats
         exec_opts = orm_context.execution_options
         statement = orm_context.statement
-        load_options = orm_context.load_options
+        load_options = exec_opts.get("_sa_orm_load_options", _DEFAULT_LOAD_OPTIONS)
         if (
             load_options._refresh_state is not None  # a refresh / expired-attribute load
             or exec_opts.get("populate_existing")
@@ -593,7 +628,8 @@ class CacheLayer:
             return None
 
         # a hit must leave the session as a miss would: autoflush first
-        if load_options._autoflush:
+        # (what Session._autoflush does, minus its call when nothing is pending)
+        if load_options._autoflush and session.autoflush and not session._is_clean():
             session._autoflush()
 
         try:
@@ -603,14 +639,19 @@ class CacheLayer:
             if ck is None:
                 stats.incr("bypasses")
                 return None
-            digest = self._digests.digest(ck.key)
-            extra = str(exec_opts.get("identity_token", ""))
+            structure = ck.key
+            shape = self._shapes.get(structure)
+            if shape is None:
+                shape = _Shape(_keys.structure_digest(structure))
+                self._shapes.put(structure, shape)
+            extra = exec_opts.get("identity_token")
+            extra = "" if extra is None else str(extra)
             if hint.cache_key is not None:
                 # as in SQLAlchemy 2.x's example: the caller's string is added
                 extra += "|k:" + hint.cache_key
             key = _keys.query_key(
                 rs.query_prefix,
-                digest,
+                shape.digest,
                 [bp.effective_value for bp in ck.bindparams],
                 ck.params,
                 orm_context.parameters,
@@ -621,17 +662,22 @@ class CacheLayer:
             stats.incr("bypasses")
             return None
 
-        written = self._session_written(session)
-        tables = self._tables.get(digest)
-        if written and (tables is None or ANY_TABLE in tables or not written.isdisjoint(tables)):
-            # G2: this transaction wrote what the query reads
-            stats.incr("bypasses")
-            return None
+        tables = shape.tables
+        tx = session._transaction
+        if tx is not None and tx._connections:
+            written = self._session_written(session)
+            if written and (
+                tables is None or ANY_TABLE in tables or not written.isdisjoint(tables)
+            ):
+                # G2: this transaction wrote what the query reads
+                stats.incr("bypasses")
+                return None
+        else:
+            written = None
 
-        now = time.time()
         try:
-            found = rs.store.lookup(key, tables if tables is not None else (ALL_TABLES,))
-            result = self._try_hit(orm_context, rs, hint, digest, found, tables, now)
+            found = rs.store.lookup(key, tables if tables is not None else _ALL_ONLY)
+            result = self._try_hit(orm_context, hint, shape, found, tables)
         except Exception as err:
             self._backend_error(rs, "lookup", err)
             stats.incr("bypasses")
@@ -639,79 +685,81 @@ class CacheLayer:
         if result is not None:
             stats.incr("hits")
             return result
-        return self._miss(orm_context, rs, hint, key, digest, bind, found, written)
-
-    def _valid(
-        self, record: Any, lookup: Lookup, hint: _Hint, rs: _RegionState, now: float
-    ) -> bool:
-        bound = record.seq
-        for stamp in lookup.stamps:
-            if stamp is None or stamp > bound:
-                return False
-        if not hint.ignore_expiration:
-            expiration = (
-                hint.expiration_time if hint.expiration_time is not None else rs.expiration_time
-            )
-            if expiration is not None and expiration >= 0 and now - record.created > expiration:
-                return False
-        return True
+        return self._miss(orm_context, hint, key, shape, bind, found, written)
 
     def _try_hit(
         self,
         orm_context: ORMExecuteState,
-        rs: _RegionState,
         hint: _Hint,
-        digest: bytes,
+        shape: _Shape,
         found: Lookup,
         tables: tuple[str, ...] | None,
-        now: float,
     ) -> Any:
-        if found.seq is not None and found.seq > rs.last_seen:
-            rs.last_seen = found.seq
-        if found.payload is None:
+        """The result the entry in ``found`` answers, or None if there is none
+        or it may not be served (invalidated, expired, unreadable)."""
+        rs = hint.region
+        seq = found.seq
+        if seq is not None and seq > rs.last_seen:
+            rs.last_seen = seq
+        payload = found.payload
+        if payload is None:
             return None
-        try:
-            payload = found.payload
-            if type(payload) is Record:
-                record = payload  # kept as an object by an in-process backend
-            else:
+        if type(payload) is Record:
+            record = payload  # kept as an object by an in-process backend
+        else:
+            try:
                 if self._signer is not None:
                     payload = self._signer.verify(payload)
                 record = load_record(payload)
-        except BadSignature as err:
-            self._stats.incr("errors")
-            log.error("sqla_cachelayer: region %r: %s; entry ignored", rs.name, err)
-            return None
-        except Exception:
-            self._stats.incr("stale")
-            return None
+            except BadSignature as err:
+                self._stats.incr("errors")
+                log.error("sqla_cachelayer: region %r: %s; entry ignored", rs.name, err)
+                return None
+            except Exception:
+                self._stats.incr("stale")
+                return None
         if tables != record.tables:
             # first sight of this statement in this process: read its stamps
             found = rs.store.lookup(None, record.tables)
-            self._tables.put(digest, record.tables)
-        if not self._valid(record, found, hint, rs, now):
+            shape.tables = record.tables
+        bound = record.seq
+        for stamp in found.stamps:
+            if stamp is None or stamp > bound:
+                self._stats.incr("stale")  # a commit to a table it read
+                return None
+        expiration = hint.expiration_time
+        if (
+            expiration is not None
+            and expiration >= 0
+            and not hint.ignore_expiration
+            and time.time() - record.created > expiration
+        ):
             self._stats.incr("stale")
             return None
-        metadata = self._metadata.get(digest) or record.metadata
         options = orm_context.statement._with_options
-        load_options = (
-            tuple(opt for opt in options if getattr(opt, "propagate_to_loaders", False))
-            if options
-            else ()
+        load_options: tuple[Any, ...] = ()
+        for opt in options:
+            if getattr(opt, "propagate_to_loaders", False):
+                # as the ORM does: objects carry the options their lazy loads need
+                load_options = tuple(
+                    o for o in options if getattr(o, "propagate_to_loaders", False)
+                )
+                break
+        return _result_from_record(
+            orm_context.session, record, shape.metadata or record.metadata, load_options
         )
-        return _result_from_record(orm_context.session, record, metadata, load_options)
 
     def _miss(
         self,
         orm_context: ORMExecuteState,
-        rs: _RegionState,
         hint: _Hint,
         key: str,
-        digest: bytes,
+        shape: _Shape,
         bind: Any,
         found: Lookup,
         written: set[str] | None,
     ) -> Any:
+        rs = hint.region
         stats = self._stats
         session = orm_context.session
         mutex = None
@@ -733,14 +781,12 @@ class CacheLayer:
             if mutex is not None:
                 # another caller may have filled the key while we waited (G6)
                 try:
-                    tables = self._tables.get(digest)
-                    again = rs.store.lookup(key, tables if tables is not None else (ALL_TABLES,))
+                    tables = shape.tables
+                    again = rs.store.lookup(key, tables if tables is not None else _ALL_ONLY)
                     if again.payload is not None and again.payload == found.payload:
                         hit = None  # the entry already refused: stamps and age only grow
                     else:
-                        hit = self._try_hit(
-                            orm_context, rs, hint, digest, again, tables, time.time()
-                        )
+                        hit = self._try_hit(orm_context, hint, shape, again, tables)
                 except Exception as err:
                     self._backend_error(rs, "lookup", err)
                     stats.incr("bypasses")
@@ -769,7 +815,7 @@ class CacheLayer:
                 orm_context,
                 rs,
                 key,
-                digest,
+                shape,
                 frozen,
                 marker,
                 snapshot_seq,
@@ -793,7 +839,7 @@ class CacheLayer:
         orm_context: ORMExecuteState,
         rs: _RegionState,
         key: str,
-        digest: bytes,
+        shape: _Shape,
         frozen: Any,
         marker: int,
         snapshot_seq: int,
@@ -825,7 +871,7 @@ class CacheLayer:
             log.debug("sqla_cachelayer: result not recordable: %s", err)
             stats.incr("not_stored")
             return
-        self._metadata.put(digest, frozen.metadata)
+        shape.metadata = frozen.metadata
         try:
             current = rs.store.lookup(None, tables)
             missing = [t for t, s in zip(tables, current.stamps, strict=True) if s is None]
@@ -840,7 +886,7 @@ class CacheLayer:
         except Exception as err:
             self._backend_error(rs, "store", err)
             return
-        self._tables.put(digest, tables)
+        shape.tables = tables
         stats.incr("stores")
 
     # ------------------------------------------------------------------
