@@ -58,6 +58,8 @@ from typing import Any, NamedTuple
 from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
 
+from .keys import BoundedMemo
+
 __all__ = [
     "ALL_TABLES",
     "ANY_TABLE",
@@ -110,10 +112,11 @@ class StampStore(ABC):
         self.region = region
         self.namespace = namespace
         self.seq_key = self.mangle(f"{namespace}:seq")
-        self._stamp_keys: dict[str, str] = {}
+        self._stamp_keys: BoundedMemo[tuple[str, ...], tuple[str, ...]] = BoundedMemo(10_000)
         backend = region.backend
         self._backend = backend
         self._serialized = bool(region.serializer)
+        self._get_raw = backend.get_serialized if self._serialized else backend.get
         actual = region.actual_backend
         try:
             probe = actual.get_mutex(f"{namespace}:probe")
@@ -127,27 +130,32 @@ class StampStore(ABC):
         return mangler(key) if mangler else key
 
     def stamp_key(self, table: str) -> str:
-        key = self._stamp_keys.get(table)
-        if key is None:
-            key = self.mangle(f"{self.namespace}:t:{table}")
-            if len(self._stamp_keys) < 100_000:
-                self._stamp_keys[table] = key
-        return key
+        return self.mangle(f"{self.namespace}:t:{table}")
+
+    def stamp_keys(self, tables: Sequence[str]) -> tuple[str, ...]:
+        """The backend keys of these tables' stamps (memoized per table set)."""
+        if type(tables) is not tuple:
+            tables = tuple(tables)
+        keys = self._stamp_keys.get(tables)
+        if keys is None:
+            keys = tuple(self.stamp_key(t) for t in tables)
+            self._stamp_keys.put(tables, keys)
+        return keys
 
     # entries ---------------------------------------------------------------
     def _decode_entry(self, raw: Any) -> Any:
-        if raw is NO_VALUE or raw is None:
+        if type(raw) is CachedValue:
+            raw = raw.payload
+        elif raw is NO_VALUE or raw is None:
             return None
-        if isinstance(raw, CachedValue):
+        elif isinstance(raw, CachedValue):
             raw = raw.payload
         if isinstance(raw, bytes) or (self.stores_objects and raw is not None):
             return raw
         return None
 
     def read_entry(self, key: str) -> Any:
-        if self._serialized:
-            return self._decode_entry(self._backend.get_serialized(key))
-        return self._decode_entry(self._backend.get(key))
+        return self._decode_entry(self._get_raw(key))
 
     def write_entry(self, key: str, payload: Any) -> None:
         if self._serialized:
@@ -215,12 +223,13 @@ class LocalStampStore(StampStore):
             with self._lock:
                 seq = counters.setdefault(self.seq_key, _floor())
         get = counters.get
-        stamps = [get(self.stamp_key(t)) for t in tables]
-        payload = self.read_entry(entry_key) if entry_key is not None else None
-        return Lookup(payload, seq, stamps)
+        stamps = [get(key) for key in self.stamp_keys(tables)]
+        if entry_key is None:
+            return Lookup(None, seq, stamps)
+        return Lookup(self._decode_entry(self._get_raw(entry_key)), seq, stamps)
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = [self.stamp_key(t) for t in tables]
+        keys = self.stamp_keys(tables)
         with self._lock:
             counters = self._counters
             s = max(counters.get(self.seq_key, 0) + 1, _floor())
@@ -231,9 +240,10 @@ class LocalStampStore(StampStore):
         return s
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
+        keys = self.stamp_keys(tables)
         with self._lock:
-            for t in tables:
-                self._counters.setdefault(self.stamp_key(t), value)
+            for key in keys:
+                self._counters.setdefault(key, value)
 
 
 class CounterStampStore(StampStore):
@@ -249,7 +259,7 @@ class CounterStampStore(StampStore):
         )
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
-        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        keys = [self.seq_key, *self.stamp_keys(tables)]
         if entry_key is None:
             counters = self._backend.read_counters(keys)
             payload = None
@@ -259,11 +269,11 @@ class CounterStampStore(StampStore):
         return Lookup(payload, counters[0], list(counters[1:]))
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = [self.stamp_key(t) for t in tables]
+        keys = list(self.stamp_keys(tables))
         return int(self._backend.bump_counters(self.seq_key, keys, _floor()))
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
-        self._backend.add_counters([self.stamp_key(t) for t in tables], value)
+        self._backend.add_counters(list(self.stamp_keys(tables)), value)
 
 
 _BUMP_LUA = """
@@ -309,7 +319,7 @@ class RedisStampStore(StampStore):
         self._mget = getattr(self._reader, "mget_nonatomic", None) or self._reader.mget
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
-        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        keys = [self.seq_key, *self.stamp_keys(tables)]
         if entry_key is not None:
             keys.append(entry_key)
         values = list(self._mget(keys))
@@ -320,13 +330,13 @@ class RedisStampStore(StampStore):
         return Lookup(payload, _int_or_none(values[0]), [_int_or_none(v) for v in values[1:]])
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        keys = [self.seq_key, *self.stamp_keys(tables)]
         return int(self._script(keys=keys, args=[_floor()]))
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
         pipe = self._writer.pipeline(transaction=False)
-        for t in tables:
-            pipe.set(self.stamp_key(t), value, nx=True)
+        for key in self.stamp_keys(tables):
+            pipe.set(key, value, nx=True)
         pipe.execute()
 
 
@@ -353,7 +363,7 @@ class MutexStampStore(StampStore):
         return list(self._backend.get_multi(keys))
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
-        keys = [self.seq_key, *(self.stamp_key(t) for t in tables)]
+        keys = [self.seq_key, *self.stamp_keys(tables)]
         if entry_key is not None:
             keys.append(entry_key)
         values = self._get_multi(keys)
@@ -369,7 +379,7 @@ class MutexStampStore(StampStore):
         return mutex if mutex is not None else self._local_lock
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = [self.stamp_key(t) for t in tables]
+        keys = self.stamp_keys(tables)
         lock = self._locked()
         lock.acquire()
         try:
@@ -385,11 +395,11 @@ class MutexStampStore(StampStore):
             lock.release()
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
-        keys = [self.stamp_key(t) for t in tables]
+        keys = self.stamp_keys(tables)
         lock = self._locked()
         lock.acquire()
         try:
-            current = self._get_multi(keys)
+            current = self._get_multi(list(keys))
             for key, raw in zip(keys, current, strict=True):
                 if self._read_counter(raw) is None:
                     self._write_counter(key, value)

@@ -37,7 +37,7 @@ import pickle
 import uuid
 import weakref
 from collections.abc import Mapping
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper
@@ -54,37 +54,28 @@ class Uncacheable(Exception):
     """The statement or one of its values has no stable key."""
 
 
-class BoundedMemo(Generic[K, V]):
-    """A dict that never grows past ``maxsize`` (oldest entries go first).
+class BoundedMemo(dict[K, V]):
+    """A dict that never grows past ``maxsize`` through :meth:`put` (oldest
+    entries go first); reads are plain (C) ``dict.get``.
 
     Lock-free on purpose: single ``dict`` operations are atomic under the GIL,
     and losing a memo entry under a race only costs a recomputation.
     """
 
-    __slots__ = ("_data", "maxsize")
+    __slots__ = ("maxsize",)
 
     def __init__(self, maxsize: int) -> None:
+        super().__init__()
         if maxsize <= 0:
             raise ValueError("maxsize must be positive")
         self.maxsize = maxsize
-        self._data: dict[K, V] = {}
-
-    def get(self, key: K) -> V | None:
-        return self._data.get(key)
 
     def put(self, key: K, value: V) -> None:
-        data = self._data
-        if len(data) >= self.maxsize:
+        if len(self) >= self.maxsize:
             # another thread may change the dict meanwhile; the bound still holds loosely
             with contextlib.suppress(StopIteration, RuntimeError, KeyError):
-                del data[next(iter(data))]
-        data[key] = value
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def clear(self) -> None:
-        self._data.clear()
+                del self[next(iter(self))]
+        self[key] = value
 
 
 # Objects with no stable encoding get a label unique to this process and this

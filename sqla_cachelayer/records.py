@@ -551,8 +551,14 @@ def _prepare(record: Record) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
 
 
 def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> list[Any]:
+    """Put the record's objects into ``session``'s identity map, as a load would.
+
+    An object already in the session is the one returned (its loaded values
+    win; attributes it lacks are filled in); the others are new instances with
+    their committed state set from the record, as the ORM's own loader makes
+    them (``ClassManager.new_instance``, ``IdentityMap._add_unpresent``).
+    """
     records = record.objects
-    layouts = record.layouts
     identity_map = session.identity_map
     # an empty identity map (a fresh session, the usual case) holds nothing to reuse
     in_map = identity_map.get if len(identity_map) else None
@@ -561,12 +567,12 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
     objs: list[Any] = []
     fresh: list[bool] = []
     load_events: list[InstanceState[Any]] = []
-    append = objs.append
-    append_fresh = fresh.append
-    # class -> (mapper, new_instance, has load listeners)
-    per_class: dict[type, tuple[Mapper[Any], Callable[[], Any], bool]] = {}
-    prepared = _prepare(record)
+    prepared = record._prepared or _prepare(record)
     has_rels = False
+    last_cls: type | None = None
+    mapper: Any = None
+    new_instance: Any = None
+    has_load = False
     for (cls, key, lid, _values, rels), (named, expire) in zip(records, prepared, strict=True):
         if rels:
             has_rels = True
@@ -574,21 +580,21 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
         if existing is not None:
             state = instance_state(existing)
             dict_ = state.dict
-            missing = [k for k in layouts[lid] if k not in dict_]
+            missing = [k for k in record.layouts[lid] if k not in dict_]
             if missing:
                 # an expired or unloaded attribute: a database load would fill it
                 for k in missing:
                     dict_[k] = named[k]
                 state._commit(dict_, missing)
-            append(existing)
-            append_fresh(False)
+            objs.append(existing)
+            fresh.append(False)
             continue
-        known = per_class.get(cls)
-        if known is None:
-            mapper = _layout(cls)[2]
+        if cls is not last_cls:
+            mapper = (_layouts.get(cls) or _layout(cls))[2]
             manager = mapper.class_manager
-            known = per_class[cls] = (mapper, manager.new_instance, bool(manager.dispatch.load))
-        mapper, new_instance, has_load = known
+            new_instance = manager.new_instance
+            has_load = bool(manager.dispatch.load)
+            last_cls = cls
         obj = new_instance()
         state = obj._sa_instance_state
         obj.__dict__.update(named)
@@ -603,8 +609,8 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
             state.load_options = load_options
             state.load_path = mapper._path_registry
         add_unpresent(state, key)
-        append(obj)
-        append_fresh(True)
+        objs.append(obj)
+        fresh.append(True)
         if has_load:
             load_events.append(state)
     for position, (_, _, _, _, rel_values) in enumerate(records if has_rels else ()):
