@@ -125,6 +125,11 @@ class StampStore(ABC):
         self._distributed_mutex = probe is not None
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
+    @property
+    def shared_fills(self) -> bool:
+        """Do other processes fill entries under the same single-flight locks?"""
+        return self._distributed_mutex
+
     def mangle(self, key: str) -> str:
         mangler = self.region.key_mangler
         return mangler(key) if mangler else key

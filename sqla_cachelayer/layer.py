@@ -89,6 +89,8 @@ class _RegionState:
         self.down_until = 0.0
         # highest seq this process has read: a lower bound for snapshot starts
         self.last_seen = 0
+        # entries this process has written (see CacheLayer._miss)
+        self.fills = 0
 
 
 class _Shape:
@@ -675,6 +677,7 @@ class CacheLayer:
         else:
             written = None
 
+        fills = rs.fills
         try:
             found = rs.store.lookup(key, tables if tables is not None else _ALL_ONLY)
             result = self._try_hit(orm_context, hint, shape, found, tables)
@@ -685,7 +688,7 @@ class CacheLayer:
         if result is not None:
             stats.incr("hits")
             return result
-        return self._miss(orm_context, hint, key, shape, bind, found, written)
+        return self._miss(orm_context, hint, key, shape, bind, found, written, fills)
 
     def _try_hit(
         self,
@@ -758,6 +761,7 @@ class CacheLayer:
         bind: Any,
         found: Lookup,
         written: set[str] | None,
+        fills: int,
     ) -> Any:
         rs = hint.region
         stats = self._stats
@@ -768,18 +772,25 @@ class CacheLayer:
         # a blocking wait would stall the loop; and a session already holding a
         # transaction may hold database locks (SQLite BEGIN IMMEDIATE, FOR
         # UPDATE) that the fill it would wait for needs. Those only try the lock.
-        wait = not in_greenlet() and not self._holds_connection(session)
+        waited = False
         try:
             candidate = rs.store.mutex(key)
-            if candidate.acquire(wait):
+            if candidate.acquire(False):
                 mutex = candidate
+            elif not in_greenlet() and not self._holds_connection(session):
+                waited = True
+                if candidate.acquire(True):
+                    mutex = candidate
         except Exception as err:
             self._backend_error(rs, "lock", err)
             stats.incr("bypasses")
             return None
         try:
-            if mutex is not None:
-                # another caller may have filled the key while we waited (G6)
+            if mutex is not None and (waited or rs.store.shared_fills or rs.fills != fills):
+                # another caller may have filled the key since our lookup (G6):
+                # certainly if we waited for its lock; if we got the lock at
+                # once, only a fill this process counted in ``rs.fills`` since
+                # the lookup, or one by another process, can have landed
                 try:
                     tables = shape.tables
                     again = rs.store.lookup(key, tables if tables is not None else _ALL_ONLY)
@@ -852,7 +863,8 @@ class CacheLayer:
             stats.incr("not_stored")
             return
         tables = tuple(sorted(collector.tables | {ALL_TABLES}))
-        written = self._session_written(orm_context.session)
+        # G2 with the tables actually read: ``written`` is what this transaction
+        # had written before the query; anything written since is collector.wrote
         if written and (ANY_TABLE in tables or not written.isdisjoint(tables)):
             stats.incr("not_stored")
             return
@@ -873,20 +885,22 @@ class CacheLayer:
             return
         shape.metadata = frozen.metadata
         try:
-            current = rs.store.lookup(None, tables)
-            missing = [t for t, s in zip(tables, current.stamps, strict=True) if s is None]
-            if missing:
+            stamps = rs.store.lookup(None, tables).stamps
+            if None in stamps:
+                missing = [t for t, s in zip(tables, stamps, strict=True) if s is None]
                 rs.store.ensure(missing, seq_now)
-                current = rs.store.lookup(None, tables)
-            if any(s is None or s > snapshot_seq for s in current.stamps):
-                # a commit the snapshot may not include touched these tables
-                stats.incr("not_stored")
-                return
+                stamps = rs.store.lookup(None, tables).stamps
+            for stamp in stamps:
+                if stamp is None or stamp > snapshot_seq:
+                    # a commit the snapshot may not include touched these tables
+                    stats.incr("not_stored")
+                    return
             rs.store.write_entry(key, payload)
         except Exception as err:
             self._backend_error(rs, "store", err)
             return
         shape.tables = tables
+        rs.fills += 1  # a change detector only: a lost increment under a race still changes it
         stats.incr("stores")
 
     # ------------------------------------------------------------------

@@ -47,7 +47,7 @@ import pickle
 import time
 import uuid
 from collections.abc import Callable
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Final
 
 from sqlalchemy import util
@@ -225,7 +225,7 @@ def load_record(payload: bytes) -> Record:
     if found is not None and found[0] is payload:
         shareable = found[2]
         if shareable is None:
-            shareable = _shareable(found[1])
+            shareable = record_is_shareable(found[1])
             _decoded.put(id(payload), (payload, found[1], shareable))
         if shareable:
             return found[1]
@@ -275,23 +275,40 @@ def _immutable(value: Any) -> bool:
 def record_is_shareable(record: Record) -> bool:
     """True when every value a hit hands out from ``record`` is immutable, so
     one record object may serve many sessions at once."""
-    return _shareable(record)
-
-
-def _shareable(record: Record) -> bool:
-    """True when every value a hit hands out from ``record`` is immutable."""
-    for _cls, _key, _layout_index, values, _rels in record.objects:
-        for value in values:
-            if not _immutable(value):
+    objects = record.objects
+    if objects:
+        if len({lid for _, _, lid, _, _ in objects}) == 1:
+            # one layout: every values tuple has the same columns
+            if not _rows_immutable([values for _, _, _, values, _ in objects]):
                 return False
-    positions = record.entity_positions
+        elif not all(_immutable(v) for _, _, _, values, _ in objects for v in values):
+            return False
+    rows = record.rows
     if record.scalars_source:
-        return bool(positions) or all(_immutable(v) for v in record.rows)
-    for row in record.rows:
-        for i, value in enumerate(row):
-            if i not in positions and not _immutable(value):
-                return False
-    return True
+        # entity rows hold object positions (ints); plain rows hold the values
+        return bool(record.entity_positions) or _column_immutable(rows)
+    return _rows_immutable(rows)
+
+
+def _rows_immutable(rows: list[Any]) -> bool:
+    """Are all values of these equal-width tuples immutable? Column by column,
+    so that the per-value work runs in C (``zip``, ``map``, ``set``)."""
+    return all(_column_immutable(column) for column in zip(*rows, strict=True))
+
+
+def _column_immutable(column: Any) -> bool:
+    types = set(map(type, column))
+    if types <= _IMMUTABLE_TYPES:
+        return True
+    if types <= _DATETIME_TYPES:
+        # immutable when their tzinfo is (None and fixed offsets are)
+        zones = set(map(_tzinfo, filter(None, column)))
+        return all(tz is None or type(tz) is datetime.timezone for tz in zones)
+    return all(map(_immutable, column))
+
+
+_DATETIME_TYPES: Final = frozenset((datetime.datetime, datetime.time, type(None)))
+_tzinfo: Final = attrgetter("tzinfo")
 
 
 # --------------------------------------------------------------------------

@@ -320,9 +320,10 @@ def test_two_phase_commit_invalidates(make_env: Any, pg_engine_url: str) -> None
 def test_engine_watched_before_its_first_connection(pg_engine_url: str) -> None:
     """The dialect is wrapped before SQLAlchemy's first connect initializes it
     (psycopg's raw connections carry an ``info`` of their own)."""
-    import sqla_cachelayer as scl
     from _models import Base, seed
     from dogpile.cache import make_region
+
+    import sqla_cachelayer as scl
 
     engine = scl.engine_from_config({"sqlalchemy.url": pg_engine_url})
     layer = scl.CacheLayer({"default": make_region().configure("dogpile.cache.memory")})
