@@ -14,6 +14,8 @@ Variants, for (a) one row by primary key and (b) 100 entity rows:
 
 uncached            a plain ``sessionmaker``
 noop hook           a ``do_orm_execute`` listener that returns None
+layer, no hint      this layer installed, the query without a hint (what the
+                    layer costs the queries it does not cache)
 miss floor          the listener runs the query and buffers its rows
                     (``invoke_statement().freeze()``) and returns them: the
                     least a cache does on a miss, before any key, lock, check
@@ -62,9 +64,17 @@ def _stmt(case: str, x: int) -> Any:
     return select(Item).where(Item.id >= x).order_by(Item.id).limit(100)
 
 
+_PLAIN = object()  # marks the variant that queries without a hint
+
+
 def _query(Session: Any, case: str, x: int) -> Any:
+    if type(Session) is tuple:
+        Session = Session[0]
+        stmt = _stmt(case, x)
+    else:
+        stmt = _stmt(case, x).options(scl.FromCache())
     with Session() as s:
-        result = s.scalars(_stmt(case, x).options(scl.FromCache()))
+        result = s.scalars(stmt)
         return result.one() if case == "a" else result.all()
 
 
@@ -119,6 +129,7 @@ def make_variants(url: str, case: str, hit_x: int) -> dict[str, Any]:
     return {
         "uncached": plain(),
         "noop hook": plain(noop),
+        "layer, no hint": (cached, _PLAIN),
         "miss floor": plain(miss_floor),
         "miss floor + key": plain(miss_floor_key),
         "layer miss": cached,
@@ -160,6 +171,7 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, indicative only")
+    parser.add_argument("--case", choices=("a", "b"), help="run one case only")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="scl-floors-")
     path = os.path.join(tmp, "bench.db")
@@ -173,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             ("a", "(a) one row by primary key", 300 if args.quick else 3000),
             ("b", "(b) 100 entity rows", 100 if args.quick else 800),
         ):
+            if args.case and case != args.case:
+                continue
             variants = make_variants(url, case, 10_000)
             found = measure(variants, case, 10_000, reps, rounds)
             base = found["uncached"]

@@ -497,14 +497,18 @@ class CacheLayer:
     # session hooks
 
     def _after_begin(self, session: Session, transaction: Any, connection: Connection) -> None:
-        self._watch(connection.engine)
-        root = session.get_transaction()
-        info = session.info
-        marker = info.get(self._begin_key)
-        if marker is None or marker[0] is not root:
+        engine = connection.engine
+        if id(engine) not in self._engines:
+            self._watch(engine)
+        root = session._transaction
+        while root is not None and root._parent is not None:
+            root = root._parent
+        if root is not None and self._begin_key not in root.__dict__:
             # the snapshot this transaction reads starts after this point, so
-            # anything read before now is a safe lower bound for it
-            info[self._begin_key] = (root, [rs.last_seen for rs in self._state_list])
+            # anything read before now is a safe lower bound for it. Kept on
+            # the transaction object itself: it lives exactly as long, and a
+            # fresh session needs no ``info`` dict for it
+            root.__dict__[self._begin_key] = [rs.last_seen for rs in self._state_list]
 
     def _hint(self, orm_context: ORMExecuteState) -> _Hint | None:
         found: Any = None
@@ -595,9 +599,9 @@ class CacheLayer:
             )
             if level in ("READ COMMITTED", "AUTOCOMMIT", "READ UNCOMMITTED"):
                 return fresh_seq  # every statement takes a new snapshot
-        marker = session.info.get(self._begin_key)
-        if marker is not None and marker[0] is tx:
-            seq: int = marker[1][rs.index]
+        begun = tx.__dict__.get(self._begin_key) if tx is not None else None
+        if begun is not None:
+            seq: int = begun[rs.index]
             return seq
         return 0
 

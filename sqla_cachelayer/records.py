@@ -47,6 +47,7 @@ import pickle
 import time
 import uuid
 from collections.abc import Callable
+from itertools import repeat
 from operator import attrgetter, itemgetter
 from typing import Any, Final
 
@@ -347,6 +348,54 @@ def _values_getter(columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple
 # capture (miss path)
 
 
+_instance_state_of: Final = attrgetter("_sa_instance_state")
+_dict_of: Final = attrgetter("__dict__")
+_key_of: Final = attrgetter("key")
+_runid_of: Final = attrgetter("runid")
+# class -> a getter of all its column values from an instance dict
+_getters: BoundedMemo[type, Callable[[dict[str, Any]], tuple[Any, ...]]] = BoundedMemo(5000)
+
+
+def _capture_uniform(
+    data: list[Any], fresh_after: int
+) -> tuple[list[tuple[Any, ...]], list[tuple[str, ...]]] | None:
+    """Objects and layouts for the most common result, captured in bulk.
+
+    That result is a list of distinct objects of one class, each with all its
+    columns loaded and none of its relationships, all loaded by this query.
+    Every per-object step then runs inside C (``map``, ``zip``, ``set``,
+    ``attrgetter``/``itemgetter``). ``None`` when the result is anything else:
+    the general capture handles it (and raises what is wrong).
+    """
+    classes = set(map(type, data))
+    if len(classes) != 1:
+        return None
+    cls = classes.pop()
+    columns, rels, _ = _layouts.get(cls) or _layout(cls)
+    getter = _getters.get(cls)
+    if getter is None:
+        getter = _values_getter(columns)
+        _getters.put(cls, getter)
+    try:
+        states = list(map(_instance_state_of, data))
+    except AttributeError:
+        return None
+    runids = list(map(_runid_of, states))
+    if None in runids or min(runids) <= fresh_after:
+        return None
+    keys = list(map(_key_of, states))
+    if None in keys or len(set(map(id, states))) != len(states):
+        return None  # a pending object, or one object twice
+    dicts = list(map(_dict_of, data))
+    if rels and not all(map(frozenset(rels).isdisjoint, dicts)):
+        return None
+    try:
+        values = list(map(getter, dicts))
+    except KeyError:
+        return None  # an unloaded column
+    return list(zip(repeat(cls), keys, repeat(0), values, repeat(None))), [columns]
+
+
 def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[str, ...]) -> Record:
     """Build a record from a frozen ORM result.
 
@@ -410,8 +459,13 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
     if frozen._source_supports_scalars:
         first = data[0] if data else None
         if first is not None and _state_of(first) is not None:
-            rows: list[Any] = [ref(v) for v in data]
             positions: tuple[int, ...] = (0,)
+            uniform = _capture_uniform(data, fresh_after)
+            if uniform is not None:
+                objects, layouts = uniform
+                rows: list[Any] = list(range(len(data)))
+            else:
+                rows = [ref(v) for v in data]
         else:
             rows = list(data)
             positions = ()

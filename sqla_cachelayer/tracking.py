@@ -362,8 +362,8 @@ class _EngineWatch:
             callback(found)
 
     # statement observation ------------------------------------------------
-    def before_statement(self, statement: str, context: Any) -> None:
-        """Record what one statement reads (for a miss) and writes."""
+    def before_statement(self, statement: str, context: Any) -> bool:
+        """Record what one statement reads (for a miss) and writes; True if it writes."""
         compiled = context.compiled
         collector = _collector.get()
         if compiled is None or _is_textual(compiled):
@@ -377,17 +377,19 @@ class _EngineWatch:
         else:
             if collector is not None:
                 collector.tables.update(_reads_of(compiled))
-            return
-        if written:
-            if collector is not None:
-                collector.wrote = True
-            info = _info_of(context.root_connection)
-            if info is None:
-                return  # SQLAlchemy's own first-connect statements: nothing to track
-            pending = info.get(_WRITTEN)
-            if pending is None:
-                info[_WRITTEN] = pending = set()
-            pending.update(written)
+            return False
+        if not written:
+            return False
+        if collector is not None:
+            collector.wrote = True
+        info = _info_of(context.root_connection)
+        if info is None:
+            return False  # SQLAlchemy's own first-connect statements: nothing to track
+        pending = info.get(_WRITTEN)
+        if pending is None:
+            info[_WRITTEN] = pending = set()
+        pending.update(written)
+        return True
 
     def after_statement(self, context: Any) -> None:
         # with AUTOCOMMIT the driver committed already: there will be no COMMIT
@@ -447,9 +449,11 @@ def _wrap_dialect(engine: Engine, watch: _EngineWatch) -> None:
         if current is None:
             do_execute(cursor, statement, parameters, context)
             return
-        current.before_statement(statement, context)
-        do_execute(cursor, statement, parameters, context)
-        current.after_statement(context)
+        if current.before_statement(statement, context):
+            do_execute(cursor, statement, parameters, context)
+            current.after_statement(context)  # only a write can need it
+        else:
+            do_execute(cursor, statement, parameters, context)
 
     def wrapped_executemany(
         cursor: Any, statement: str, parameters: Any, context: Any = None
@@ -458,18 +462,22 @@ def _wrap_dialect(engine: Engine, watch: _EngineWatch) -> None:
         if current is None:
             do_executemany(cursor, statement, parameters, context)
             return
-        current.before_statement(statement, context)
-        do_executemany(cursor, statement, parameters, context)
-        current.after_statement(context)
+        if current.before_statement(statement, context):
+            do_executemany(cursor, statement, parameters, context)
+            current.after_statement(context)  # only a write can need it
+        else:
+            do_executemany(cursor, statement, parameters, context)
 
     def wrapped_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
         current = watch_ref() if context is not None else None
         if current is None:
             do_execute_no_params(cursor, statement, context)
             return
-        current.before_statement(statement, context)
-        do_execute_no_params(cursor, statement, context)
-        current.after_statement(context)
+        if current.before_statement(statement, context):
+            do_execute_no_params(cursor, statement, context)
+            current.after_statement(context)  # only a write can need it
+        else:
+            do_execute_no_params(cursor, statement, context)
 
     def wrapped_commit(dbapi_connection: Any) -> None:
         do_commit(dbapi_connection)
