@@ -713,7 +713,13 @@ def breakdown(case: Case, path: str, mode: str, reps: int) -> None:
     bd.wrap(keys_mod, "structure_digest", "keys.structure_digest (first sight only)")
     for name in ("lookup", "mutex", "write_entry", "bump", "ensure"):
         bd.wrap(rs.store, name, f"store.{name}")
-    for name in ("load_record", "record_from_frozen", "dump_record", "_result_from_record"):
+    for name in (
+        "load_record",
+        "record_from_frozen",
+        "record_is_shareable",
+        "dump_record",
+        "_result_from_record",
+    ):
         bd.wrap(layer_mod, name, f"records.{name.lstrip('_')}")
     bd.wrap(records_mod, "_attach", "records._attach")
     bd.wrap(keys_mod, "query_key", "keys.query_key")

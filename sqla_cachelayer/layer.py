@@ -725,7 +725,7 @@ class CacheLayer:
             except Exception:
                 self._stats.incr("stale")
                 return None
-        if tables != record.tables:
+        if tables is not record.tables and tables != record.tables:
             # first sight of this statement in this process: read its stamps
             found = rs.store.lookup(None, record.tables)
             shape.tables = record.tables

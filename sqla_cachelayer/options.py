@@ -90,9 +90,12 @@ class FromCache(UserDefinedOption):
         cache_key: str | None = None,
         ignore_expiration: bool = False,
     ) -> None:
-        super().__init__()
+        self.payload = None  # UserDefinedOption's, unused
         self.region = region
-        self.expiration_time, self.cache_key = _expiration_and_key(expiration_time, cache_key)
+        if expiration_time is None and cache_key is None:
+            self.expiration_time = self.cache_key = None  # the usual case, checked cheaply
+        else:
+            self.expiration_time, self.cache_key = _expiration_and_key(expiration_time, cache_key)
         self.ignore_expiration = ignore_expiration
 
     def __repr__(self) -> str:

@@ -46,8 +46,8 @@ import hmac
 import pickle
 import time
 import uuid
-from collections.abc import Callable
-from itertools import repeat
+from collections.abc import Callable, Iterable
+from itertools import chain, repeat
 from operator import attrgetter, itemgetter
 from typing import Any, Final
 
@@ -278,17 +278,34 @@ def record_is_shareable(record: Record) -> bool:
     one record object may serve many sessions at once."""
     objects = record.objects
     if objects:
-        if len({lid for _, _, lid, _, _ in objects}) == 1:
-            # one layout: every values tuple has the same columns
-            if not _rows_immutable([values for _, _, _, values, _ in objects]):
+        if len(objects) <= _FEW or len({lid for _, _, lid, _, _ in objects}) > 1:
+            if not _values_immutable(chain.from_iterable(map(_values_of, objects))):
                 return False
-        elif not all(_immutable(v) for _, _, _, values, _ in objects for v in values):
+        # one layout: every values tuple has the same columns
+        elif not _rows_immutable(list(map(_values_of, objects))):
             return False
     rows = record.rows
     if record.scalars_source:
         # entity rows hold object positions (ints); plain rows hold the values
-        return bool(record.entity_positions) or _column_immutable(rows)
+        return bool(record.entity_positions) or (
+            _values_immutable(rows) if len(rows) <= _FEW else _column_immutable(rows)
+        )
+    if len(rows) <= _FEW:
+        return _values_immutable(chain.from_iterable(rows))
     return _rows_immutable(rows)
+
+
+#: up to this many rows, values are checked one by one (cheaper than by column)
+_FEW: Final = 8
+_values_of: Final = itemgetter(3)
+
+
+def _values_immutable(values: Iterable[Any]) -> bool:
+    immutable_types = _IMMUTABLE_TYPES
+    for value in values:
+        if type(value) not in immutable_types and not _immutable(value):
+            return False
+    return True
 
 
 def _rows_immutable(rows: list[Any]) -> bool:
@@ -460,7 +477,8 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         first = data[0] if data else None
         if first is not None and _state_of(first) is not None:
             positions: tuple[int, ...] = (0,)
-            uniform = _capture_uniform(data, fresh_after)
+            # in bulk when there are enough rows to pay for its setup
+            uniform = _capture_uniform(data, fresh_after) if len(data) > _FEW else None
             if uniform is not None:
                 objects, layouts = uniform
                 rows: list[Any] = list(range(len(data)))

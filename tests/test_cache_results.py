@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from _models import Address, Employee, Keyword, Manager, User
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import joinedload, selectinload, subqueryload
 
 from sqla_cachelayer import FromCache, NoCache
@@ -122,6 +122,36 @@ def test_hit_objects_are_persistent_in_identity_map(env: Any) -> None:
             s.scalars(select(User).where(User.id == first_id).options(NoCache())).one().name
             == "renamed"
         )
+
+
+@pytest.mark.parametrize("limit", [3, 10], ids=["few rows", "many rows"])
+@pytest.mark.parametrize("eager", [False, True], ids=["plain", "with eager relationship"])
+def test_hit_objects_have_their_own_identity_and_values(env: Any, limit: int, eager: bool) -> None:
+    """Each object of a hit is the row it was recorded from: identity key,
+    column values, identity map; whatever the size of the result (small and
+    large results are recorded by different code)."""
+    stmt = select(Address).order_by(Address.id.desc()).limit(limit)
+    if eager:
+        stmt = stmt.options(selectinload(Address.user))
+    with env.Session() as s:
+        expected = [(a.id, a.email, a.user_id) for a in s.scalars(stmt.options(NoCache()))]
+    assert len(expected) == limit
+    with env.Session() as s:
+        s.scalars(stmt.options(FromCache())).all()
+    with env.Session() as s:
+        already = s.get(Address, expected[1][0])
+        env.reset()
+        found = s.scalars(stmt.options(FromCache())).all()
+        assert env.statements == []
+        assert [(a.id, a.email, a.user_id) for a in found] == expected
+        assert found[1] is already
+        for a in found:
+            assert inspect(a).identity == (a.id,)
+            assert s.get(Address, a.id) is a
+            if eager:
+                assert a.user.id == a.user_id
+        assert env.statements == []
+    assert env.layer.stats()["hits"] == 1
 
 
 def test_object_already_in_session_is_the_one_returned(env: Any) -> None:

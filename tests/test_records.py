@@ -106,6 +106,12 @@ def test_one_mutable_value_anywhere_makes_the_record_private(value: Any) -> None
     assert not record_is_shareable(_rows_record([NAIVE, None, value], scalars=True))
     # mixed with datetimes in the same column
     assert not record_is_shareable(_rows_record([(NAIVE,), (None,), (value,)]))
+    # few rows (checked value by value rather than by column)
+    assert not record_is_shareable(_objects_record((1, NAIVE), (2, value)))
+    assert not record_is_shareable(_rows_record([(1, NAIVE), (2, value)]))
+    assert not record_is_shareable(_rows_record([value], scalars=True))
+    # many plain scalars
+    assert not record_is_shareable(_rows_record([*range(50), value], scalars=True))
 
 
 def test_empty_results_are_shareable() -> None:
