@@ -52,7 +52,8 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 from dogpile.cache.api import NO_VALUE, CachedValue
@@ -98,6 +99,12 @@ class Lookup(NamedTuple):
     payload: Any
     seq: int | None
     stamps: list[int | None]
+
+
+#: ``Lookup((payload, seq, stamps))`` without NamedTuple's Python-level ``__new__``
+_new_lookup: Callable[[tuple[Any, int | None, list[int | None]]], Lookup] = partial(
+    tuple.__new__, Lookup
+)
 
 
 class StampStore(ABC):
@@ -230,8 +237,8 @@ class LocalStampStore(StampStore):
         get = counters.get
         stamps = [get(key) for key in self.stamp_keys(tables)]
         if entry_key is None:
-            return Lookup(None, seq, stamps)
-        return Lookup(self._decode_entry(self._get_raw(entry_key)), seq, stamps)
+            return _new_lookup((None, seq, stamps))
+        return _new_lookup((self._decode_entry(self._get_raw(entry_key)), seq, stamps))
 
     def bump(self, tables: Sequence[str]) -> int:
         keys = self.stamp_keys(tables)

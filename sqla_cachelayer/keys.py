@@ -196,7 +196,11 @@ def query_key(
     """Hash everything that selects an entry into a bounded-length key."""
     out: list[bytes] = [structure_digest, db_identity.encode(), extra.encode(), b"#"]
     for value in bind_values:
-        _encode_value(value, out)
+        t = type(value)
+        if t in _REPR_VALUE_TYPES:  # the usual case, without a call
+            out.append(f"{t.__name__}:{value!r}|".encode())
+        else:
+            _encode_value(value, out)
     if params:
         out.append(b"#p")
         for name in sorted(params):

@@ -107,7 +107,7 @@ class Record:
         metadata: ResultMetaData,
         attributes: dict[str, Any],
         scalars_source: bool,
-        rows: list[Any],
+        rows: list[Any] | range,
         entity_positions: tuple[int, ...],
         layouts: list[tuple[str, ...]],
         objects: list[tuple[Any, ...]],
@@ -284,7 +284,7 @@ def record_is_shareable(record: Record) -> bool:
         # one layout: every values tuple has the same columns
         elif not _rows_immutable(list(map(_values_of, objects))):
             return False
-    rows = record.rows
+    rows: Any = record.rows
     if record.scalars_source:
         # entity rows hold object positions (ints); plain rows hold the values
         return bool(record.entity_positions) or (
@@ -479,11 +479,14 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
             positions: tuple[int, ...] = (0,)
             # in bulk when there are enough rows to pay for its setup
             uniform = _capture_uniform(data, fresh_after) if len(data) > _FEW else None
+            rows: list[Any] | range
             if uniform is not None:
                 objects, layouts = uniform
-                rows: list[Any] = list(range(len(data)))
+                rows = range(len(data))
             else:
                 rows = [ref(v) for v in data]
+                if len(objects) == len(rows) and None not in rows:
+                    rows = range(len(rows))  # row i is object i: a hit hands the objects out as is
         else:
             rows = list(data)
             positions = ()
@@ -556,11 +559,14 @@ def result_from_record(
 ) -> Result[Any]:
     """Attach the record's objects to ``session`` and return a result of its rows."""
     objs = _attach(session, record, load_options) if record.objects else []
-    rows = record.rows
+    rows: Any = record.rows
     positions = record.entity_positions
     if positions:
         if record.scalars_source:
-            data: list[Any] = [objs[i] if i is not None else None for i in rows]
+            if type(rows) is range:
+                data: list[Any] = objs if len(objs) == len(rows) else objs[: len(rows)]
+            else:
+                data = [objs[i] if i is not None else None for i in rows]
         elif positions == (0,) and len(metadata.keys) == 1:
             data = [(objs[r[0]] if r[0] is not None else None,) for r in rows]
         else:
@@ -650,7 +656,7 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
     records = record.objects
     identity_map = session.identity_map
     # an empty identity map (a fresh session, the usual case) holds nothing to reuse
-    in_map = identity_map.get if len(identity_map) else None
+    in_map = identity_map.get if identity_map._dict else None
     add_unpresent = identity_map._add_unpresent
     session_id = session.hash_key
     objs: list[Any] = []
