@@ -46,7 +46,7 @@ import hmac
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from itertools import chain, repeat
 from operator import attrgetter, itemgetter
 from typing import Any, Final
@@ -660,7 +660,7 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
     add_unpresent = identity_map._add_unpresent
     session_id = session.hash_key
     objs: list[Any] = []
-    fresh: list[bool] = []
+    reused: list[int] = []  # positions of objects the session already had
     load_events: list[InstanceState[Any]] = []
     prepared = record._prepared or _prepare(record)
     has_rels = False
@@ -681,8 +681,8 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
                 for k in missing:
                     dict_[k] = named[k]
                 state._commit(dict_, missing)
+            reused.append(len(objs))
             objs.append(existing)
-            fresh.append(False)
             continue
         if cls is not last_cls:
             mapper = (_layouts.get(cls) or _layout(cls))[2]
@@ -705,16 +705,16 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
             state.load_path = mapper._path_registry
         add_unpresent(state, key)
         objs.append(obj)
-        fresh.append(True)
         if has_load:
             load_events.append(state)
+    reused_at: Container[int] = set(reused) if len(reused) > 8 else reused
     for position, (_, _, _, _, rel_values) in enumerate(records if has_rels else ()):
         if not rel_values:
             continue
         obj = objs[position]
         state = instance_state(obj)
         for key, value in rel_values.items():
-            if not fresh[position] and key in state.dict:
+            if key in state.dict and position in reused_at:
                 continue
             if value is None or isinstance(value, int):
                 target = objs[value] if value is not None else None
@@ -726,6 +726,6 @@ def _attach(session: Session, record: Record, load_options: tuple[Any, ...]) -> 
     session_dispatch = session.dispatch
     if session_dispatch.loaded_as_persistent:
         for position, obj in enumerate(objs):
-            if fresh[position]:
+            if position not in reused_at:
                 session_dispatch.loaded_as_persistent(session, instance_state(obj))
     return objs
