@@ -797,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     parser.add_argument("--keep", action="store_true", help="keep the database file")
+    parser.add_argument(
+        "--case", action="append", help="run only this case (a, a-get, a-pre, b, c); repeatable"
+    )
     args = parser.parse_args(argv)
 
     n_items = 20_000
@@ -839,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         results: dict[str, Result] = {}
+        if args.case:
+            cases = [c for c in cases if c.key in args.case]
         for case in cases:
             t0 = time.perf_counter()
             results[case.key] = Result()

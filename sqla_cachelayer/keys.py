@@ -1,23 +1,28 @@
 """Cache keys: which entry answers a statement.
 
-A key is ``<namespace>:<region>:q:<40 hex digits>``, bounded in length
-whatever the query. The digest covers:
+A key covers:
 
 * the statement's *structure*: SQLAlchemy's own ``CacheKey.key`` tuple, which
   already includes loader options and every construct of the statement, encoded
-  into a stable string once per structure per process (memoized, so the hit
-  path never renders SQL);
+  into a stable digest once per structure per process (memoized by the layer,
+  so the hit path never renders SQL);
 * every bound value: the values extracted from the statement
   (``CacheKey.bindparams``), the values given with ``.params()`` (SQLAlchemy
   2.1 keeps them in ``CacheKey.params``, outside the rendered SQL), and the
-  parameters given at execute time;
-* the database: the engine URL (password hidden) and the
+  parameters given at execute time, each encoded injectively (type name and
+  ``repr``, or a pickle);
+* the database: a digest of the engine URL (password hidden) and of the
   ``schema_translate_map`` in effect;
 * the ORM execution options that change which objects come back
   (``identity_token``).
 
 An explicit ``cache_key=`` hint is added to all of this, as in SQLAlchemy 2.x's
 dogpile_caching example: it can separate entries, never merge them.
+
+Keys are bounded in length: ``<namespace>:<region>:q:`` followed either by the
+structure digest, the database digest and the encoded values when those are
+short printable text (a lookup by a few ids: the usual hit hashes nothing), or
+by a BLAKE2b digest of all of it. See :func:`query_key`.
 
 Values that cannot be encoded stably (neither a well-known scalar type nor
 picklable) make the query uncacheable: it runs against the database instead of
@@ -133,20 +138,23 @@ _REPR_VALUE_TYPES: Final = frozenset(
 )
 
 
-def _encode_value(value: Any, out: list[bytes]) -> None:
+def _encode_value(value: Any, out: list[str]) -> None:
+    """Append an injective text encoding of ``value`` (type name and repr, or a
+    pickle in hex); raise :class:`Uncacheable` when there is none."""
     t = type(value)
     if t in _REPR_VALUE_TYPES:
-        out.append(f"{t.__name__}:{value!r}|".encode())
+        out.append(f"{t.__name__}:{value!r}|")
     elif t is tuple or t is list:
-        out.append(b"(")
+        # a driver may adapt the two differently (PostgreSQL: a row vs an array)
+        out.append("(" if t is tuple else "[")
         for item in value:
             _encode_value(item, out)
-        out.append(b")")
+        out.append(")" if t is tuple else "]")
     elif isinstance(value, enum.Enum):
-        out.append(f"enum:{t.__module__}.{t.__qualname__}.{value.name}|".encode())
+        out.append(f"enum:{t.__module__}.{t.__qualname__}.{value.name}|")
     else:
         try:
-            out.append(b"p:" + pickle.dumps(value, protocol=5) + b"|")
+            out.append("p:" + pickle.dumps(value, protocol=5).hex() + "|")
         except Exception as err:
             raise Uncacheable(f"bound value of type {t.__name__} cannot be keyed") from err
 
@@ -169,49 +177,81 @@ def structure_digest(structure: tuple[Any, ...]) -> bytes:
 _db_identities: dict[int, tuple[weakref.ref[Engine], str]] = {}
 
 
+def _tag(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
 def database_identity(bind: Engine | Connection, schema_translate_map: Any = None) -> str:
-    """The part of a key that names the database: URL (no password) and schema map."""
+    """The part of a key that names the database, as 20 hex digits: a digest of
+    the engine URL (password hidden) and of the ``schema_translate_map``."""
     engine = bind.engine
     found = _db_identities.get(id(engine))
     if found is not None and found[0]() is engine:
-        ident = found[1]
+        url = found[1]
     else:
-        ident = engine.url.render_as_string(hide_password=True)
+        url = engine.url.render_as_string(hide_password=True)
         key = id(engine)
-        _db_identities[key] = (weakref.ref(engine, lambda _: _db_identities.pop(key, None)), ident)
+        _db_identities[key] = (weakref.ref(engine, lambda _: _db_identities.pop(key, None)), url)
     if schema_translate_map:
-        ident += "|" + repr(sorted(schema_translate_map.items(), key=repr))
-    return ident
+        return _tag(url + "|" + repr(sorted(schema_translate_map.items(), key=repr)))
+    found_tag = _url_tags.get(url)
+    if found_tag is None:
+        found_tag = _tag(url)
+        _url_tags.put(url, found_tag)
+    return found_tag
+
+
+_url_tags: BoundedMemo[str, str] = BoundedMemo(1000)
+
+#: bound values whose encoding is at most this long stay readable in the key
+SHORT_VALUES: Final = 40
 
 
 def query_key(
     prefix: str,
-    structure_digest: bytes,
+    structure: str,
     bind_values: list[Any],
     params: Mapping[str, Any] | None,
     exec_params: Any,
     db_identity: str,
     extra: str = "",
 ) -> str:
-    """Hash everything that selects an entry into a bounded-length key."""
-    out: list[bytes] = [structure_digest, db_identity.encode(), extra.encode(), b"#"]
+    """The key of one statement structure (its hex digest), values and database.
+
+    Two forms, which can never be equal: ``<prefix><structure>~<database>~<values>``
+    when there is no ``extra`` and the values encode to at most
+    :data:`SHORT_VALUES` printable ASCII characters (the usual lookup by a few
+    ids: no hashing on the hit path); otherwise ``<prefix>`` and 40 hex digits
+    of a BLAKE2b digest of all of it. Both are bounded in length.
+    """
+    out: list[str] = []
     for value in bind_values:
         t = type(value)
         if t in _REPR_VALUE_TYPES:  # the usual case, without a call
-            out.append(f"{t.__name__}:{value!r}|".encode())
+            out.append(f"{t.__name__}:{value!r}|")
         else:
             _encode_value(value, out)
     if params:
-        out.append(b"#p")
+        out.append("#p")
         for name in sorted(params):
-            out.append(name.encode() + b"=")
+            out.append(f"{name!r}=")
             _encode_value(params[name], out)
     if exec_params:
-        out.append(b"#e")
+        out.append("#e")
         if isinstance(exec_params, Mapping):
             for name in sorted(exec_params):
-                out.append(str(name).encode() + b"=")
+                out.append(f"{name!r}=")
                 _encode_value(exec_params[name], out)
         else:
             _encode_value(list(exec_params), out)
-    return prefix + hashlib.blake2b(b"".join(out), digest_size=20).hexdigest()
+    values = "".join(out)
+    if (
+        not extra
+        and len(values) <= SHORT_VALUES
+        and values.isascii()
+        and values.isprintable()
+        and " " not in values
+    ):
+        return f"{prefix}{structure}~{db_identity}~{values}"
+    payload = f"{structure}\x00{db_identity}\x00{extra!r}\x00{values}"
+    return prefix + hashlib.blake2b(payload.encode(), digest_size=20).hexdigest()

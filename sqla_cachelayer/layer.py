@@ -103,7 +103,8 @@ class _Shape:
 
     __slots__ = ("digest", "metadata", "tables")
 
-    def __init__(self, digest: bytes) -> None:
+    def __init__(self, digest: str) -> None:
+        #: the structure's stable digest, in hex (see keys.query_key)
         self.digest = digest
         #: the tables its result read, as recorded on a miss
         self.tables: tuple[str, ...] | None = None
@@ -635,7 +636,11 @@ class CacheLayer:
 
         # a hit must leave the session as a miss would: autoflush first
         # (what Session._autoflush does, minus its call when nothing is pending)
-        if load_options._autoflush and session.autoflush and not session._is_clean():
+        if (
+            load_options._autoflush
+            and session.autoflush
+            and (session._new or session._deleted or session.identity_map._modified)
+        ):  # what Session._is_clean() reads, without its calls
             session._autoflush()
 
         try:
@@ -648,7 +653,7 @@ class CacheLayer:
             structure = ck.key
             shape = self._shapes.get(structure)
             if shape is None:
-                shape = _Shape(_keys.structure_digest(structure))
+                shape = _Shape(_keys.structure_digest(structure).hex())
                 self._shapes.put(structure, shape)
             extra = exec_opts.get("identity_token")
             extra = "" if extra is None else str(extra)
@@ -658,7 +663,7 @@ class CacheLayer:
             key = _keys.query_key(
                 rs.query_prefix,
                 shape.digest,
-                [bp.effective_value for bp in ck.bindparams],
+                [bp.value if bp.callable is None else bp.effective_value for bp in ck.bindparams],
                 ck.params,
                 orm_context.parameters,
                 db,

@@ -133,3 +133,78 @@ def test_explicit_cache_key_is_added_to_the_key(env: Any) -> None:
     assert env.layer.stats()["hits"] == 0, "a different cache_key is a different entry"
     assert _name(env, a, {"uid": 1}) == "user1"
     assert env.layer.stats()["hits"] == 1
+
+
+# --------------------------------------------------------------------------
+# query_key itself: injective across values, types, forms and databases
+
+import datetime  # noqa: E402
+import decimal  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+from sqla_cachelayer.keys import SHORT_VALUES, query_key  # noqa: E402
+
+_DIGEST = "ab" * 20
+_DB = "0123456789abcdef0123"
+
+VALUE_LISTS: list[list[Any]] = [
+    [],
+    [1],
+    [True],
+    [1.0],
+    [decimal.Decimal("1")],
+    [decimal.Decimal("1.0")],
+    ["1"],
+    [b"1"],
+    [None],
+    [1, 2],
+    [12],
+    [[1, 2]],
+    [(1, 2)],
+    ["a b"],
+    ["a|str:'b"],
+    ["a", "str:'b"],
+    ["é"],
+    ["x" * (SHORT_VALUES + 1)],
+    ["x" * (SHORT_VALUES - 10)],
+    [datetime.date(2026, 1, 1)],
+    [datetime.datetime(2026, 1, 1)],
+    [datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)],
+    [uuid.UUID(int=1)],
+    [frozenset({1})],
+]
+
+
+def _key(values: list[Any], **kw: Any) -> str:
+    args: dict[str, Any] = {"params": None, "exec_params": None, "db_identity": _DB, "extra": ""}
+    args.update(kw)
+    return query_key("scl:default:q:", _DIGEST, values, **args)
+
+
+def test_distinct_values_give_distinct_keys() -> None:
+    keys = [_key(v) for v in VALUE_LISTS]
+    assert len(set(keys)) == len(keys)
+    # both forms are in use, and none is longer than the bound
+    assert any("~" in k for k in keys) and any("~" not in k for k in keys)
+    assert max(len(k) for k in keys) <= len("scl:default:q:") + 40 + 2 + 20 + SHORT_VALUES
+
+
+@pytest.mark.parametrize("values", VALUE_LISTS, ids=repr)
+def test_every_part_of_the_key_separates_entries(values: list[Any]) -> None:
+    base = _key(values)
+    assert _key(values) == base  # stable
+    assert _key(values, db_identity="f" * 20) != base
+    assert _key(values, extra="tenant-1") != base
+    assert _key(values, extra="tenant-1") != _key(values, extra="tenant-2")
+    assert _key(values, params={"p": 1}) != base
+    assert _key(values, exec_params={"p": 1}) != base
+    assert _key(values, params={"p": 1}) != _key(values, exec_params={"p": 1})
+    assert query_key("scl:default:q:", "cd" * 20, values, None, None, _DB, "") != base
+
+
+def test_long_and_odd_values_are_hashed_into_a_fixed_length() -> None:
+    for values in (["x" * 500], ["a b"], ["é"], [1], list(range(100))):
+        key = _key(values, extra="k")
+        assert len(key) == len("scl:default:q:") + 40
