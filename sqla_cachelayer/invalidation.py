@@ -158,6 +158,8 @@ class StampStore(ABC):
     def _decode_entry(self, raw: Any) -> Any:
         if type(raw) is CachedValue:
             raw = raw.payload
+            if type(raw) is bytes or (self.stores_objects and raw is not None):
+                return raw  # what this layer writes, told at once
         elif raw is NO_VALUE or raw is None:
             return None
         elif isinstance(raw, CachedValue):
