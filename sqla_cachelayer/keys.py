@@ -171,10 +171,10 @@ def structure_digest(structure: tuple[Any, ...]) -> bytes:
     return hashlib.blake2b("".join(out).encode(), digest_size=20).digest()
 
 
-# id(engine) -> (a weak reference to it, its identity). The reference tells a
-# reused id apart; its callback drops the entry (at worst another engine's,
-# which is then recomputed). Single dict operations: atomic under the GIL.
-_db_identities: dict[int, tuple[weakref.ref[Engine], str]] = {}
+# id(engine) -> (a weak reference to it, its URL, the URL's tag). The reference
+# tells a reused id apart; its callback drops the entry (at worst another
+# engine's, which is then recomputed). Single dict operations: atomic under the GIL.
+_db_identities: dict[int, tuple[weakref.ref[Engine], str, str]] = {}
 
 
 def _tag(text: str) -> str:
@@ -186,22 +186,15 @@ def database_identity(bind: Engine | Connection, schema_translate_map: Any = Non
     the engine URL (password hidden) and of the ``schema_translate_map``."""
     engine = bind.engine
     found = _db_identities.get(id(engine))
-    if found is not None and found[0]() is engine:
-        url = found[1]
-    else:
+    if found is None or found[0]() is not engine:
         url = engine.url.render_as_string(hide_password=True)
         key = id(engine)
-        _db_identities[key] = (weakref.ref(engine, lambda _: _db_identities.pop(key, None)), url)
+        found = (weakref.ref(engine, lambda _: _db_identities.pop(key, None)), url, _tag(url))
+        _db_identities[key] = found
     if schema_translate_map:
-        return _tag(url + "|" + repr(sorted(schema_translate_map.items(), key=repr)))
-    found_tag = _url_tags.get(url)
-    if found_tag is None:
-        found_tag = _tag(url)
-        _url_tags.put(url, found_tag)
-    return found_tag
+        return _tag(found[1] + "|" + repr(sorted(schema_translate_map.items(), key=repr)))
+    return found[2]
 
-
-_url_tags: BoundedMemo[str, str] = BoundedMemo(1000)
 
 #: bound values whose encoding is at most this long stay readable in the key
 SHORT_VALUES: Final = 40
