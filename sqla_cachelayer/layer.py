@@ -16,9 +16,11 @@ Concurrency: one layer is shared by every thread and session.
   shape's attributes are replaced whole, never mutated: a lost race only
   recomputes.
 * The only lock held across I/O is the per-key single-flight mutex of a miss
-  (dogpile's, distributed where the backend offers one): later misses of the
-  same key wait there for the first one's query (G6).
-* Per-session state lives in ``session.info``; per-transaction write sets live
+  (one of 1,024 striped in-process locks, or the backend's distributed lock
+  where it offers one): later misses of the same key wait there for the
+  first one's query (G6).
+* Per-transaction state lives on the root ``SessionTransaction`` (the ``seq``
+  its snapshot starts after); per-transaction write sets live
   on the DBAPI connection (``connection.info``).
 """
 
