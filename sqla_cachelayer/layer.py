@@ -60,7 +60,13 @@ from .records import (
 from .records import result_from_record as _result_from_record
 from .settings import EMBEDDED_BACKEND, RegionSettings, build_region, parse_settings
 from .stats import Stats
-from .tracking import collecting, collecting_now, unwatch_engine, watch_engine, written_on
+from .tracking import (
+    collecting,
+    current_collector,
+    unwatch_engine,
+    watch_engine,
+    written_on,
+)
 
 __all__ = ["CacheLayer"]
 
@@ -610,7 +616,7 @@ class CacheLayer:
 
     def _do_orm_execute(self, orm_context: ORMExecuteState) -> Any:
         # This is the hit path: every line here runs for every cached query.
-        if not orm_context.is_select or collecting_now():
+        if not orm_context.is_select or current_collector() is not None:
             # DML is tracked on the engine; eager loads inside a miss are
             # recorded with their parent query
             return None

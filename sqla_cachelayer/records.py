@@ -373,6 +373,12 @@ _runid_of: Final = attrgetter("runid")
 _getters: BoundedMemo[type, Callable[[dict[str, Any]], tuple[Any, ...]]] = BoundedMemo(5000)
 
 
+def _getter(cls: type, columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    getter = _values_getter(columns)
+    _getters.put(cls, getter)
+    return getter
+
+
 def _capture_uniform(
     data: list[Any], fresh_after: int
 ) -> tuple[list[tuple[Any, ...]], list[tuple[str, ...]]] | None:
@@ -389,10 +395,7 @@ def _capture_uniform(
         return None
     cls = classes.pop()
     columns, rels, _ = _layouts.get(cls) or _layout(cls)
-    getter = _getters.get(cls)
-    if getter is None:
-        getter = _values_getter(columns)
-        _getters.put(cls, getter)
+    getter = _getters.get(cls) or _getter(cls, columns)
     try:
         states = list(map(_instance_state_of, data))
     except AttributeError:
@@ -452,10 +455,10 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         cls = type(value)
         known = per_class.get(cls)
         if known is None:
-            columns, rels, _ = _layout(cls)
-            known = per_class[cls] = (columns, _values_getter(columns), layout_id(columns), rels)
+            columns, rels, _ = _layouts.get(cls) or _layout(cls)
+            known = per_class[cls] = (columns, _getter(cls, columns), layout_id(columns), rels)
         columns, getter, lid, rels = known
-        dict_ = state.dict
+        dict_ = value.__dict__  # what state.dict returns, without its call
         try:
             values = getter(dict_)
         except KeyError:
@@ -528,16 +531,16 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         objects[position] = (cls, key, lid, values, rel_values)
 
     return Record(
-        metadata=frozen.metadata,
-        attributes=dict(frozen._attributes),
-        scalars_source=bool(frozen._source_supports_scalars),
-        rows=rows,
-        entity_positions=positions,
-        layouts=layouts,
-        objects=objects,
-        seq=seq,
-        tables=tables,
-        created=time.time(),
+        frozen.metadata,
+        dict(frozen._attributes),
+        bool(frozen._source_supports_scalars),
+        rows,
+        positions,
+        layouts,
+        objects,
+        seq,
+        tables,
+        time.time(),
     )
 
 

@@ -327,9 +327,9 @@ class collecting:
         _collector.reset(self._token)
 
 
-def collecting_now() -> bool:
-    """True while a miss is being filled in this context (eager loads see it)."""
-    return _collector.get() is not None
+#: The collector of the miss being filled in this context, or None (eager loads
+#: run inside a miss see it). The ContextVar's own ``get``: no Python frame.
+current_collector: Callable[[], ReadCollector | None] = _collector.get
 
 
 # --------------------------------------------------------------------------
