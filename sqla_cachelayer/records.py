@@ -278,7 +278,7 @@ def record_is_shareable(record: Record) -> bool:
     one record object may serve many sessions at once."""
     objects = record.objects
     if objects:
-        if len(objects) <= _FEW or len({lid for _, _, lid, _, _ in objects}) > 1:
+        if len(objects) <= _FEW or len(set(map(_layout_of, objects))) > 1:
             if not _values_immutable(chain.from_iterable(map(_values_of, objects))):
                 return False
         # one layout: every values tuple has the same columns
@@ -297,6 +297,7 @@ def record_is_shareable(record: Record) -> bool:
 
 #: up to this many rows, values are checked one by one (cheaper than by column)
 _FEW: Final = 8
+_layout_of: Final = itemgetter(2)
 _values_of: Final = itemgetter(3)
 
 
