@@ -10,7 +10,8 @@ Concurrency: one layer is shared by every thread and session.
 
 * ``_RegionState.lock`` guards a region's breaker and pending invalidations; it
   is never held across backend I/O.
-* :class:`~sqla_cachelayer.stats.Stats` has its own lock, held per increment.
+* :class:`~sqla_cachelayer.stats.Stats` counts into per-thread shards, without a
+  lock on the hit path.
 * The memos (``_shapes``: per statement structure its digest, the tables it
   read and its result metadata; ``_hints``) are bounded, lock-free dicts; a
   shape's attributes are replaced whole, never mutated: a lost race only
