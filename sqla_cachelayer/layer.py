@@ -45,7 +45,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 from . import keys as _keys
 from .exc import ConfigurationError
 from .invalidation import ALL_TABLES, ANY_TABLE, Lookup, StampStore, store_for_region
-from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache
+from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache, seconds
 from .records import (
     REQUIRES_UNIQUE,
     BadSignature,
@@ -572,7 +572,10 @@ class CacheLayer:
             # a hint naming a region this layer does not have: not our query
             # (several layers may share a session); never an error at query time
             return None
-        expiration = float(expiration) if expiration is not None else rs.expiration_time
+        # FromCache checked its own value; an execution option arrives unchecked
+        expiration = seconds(expiration, "cache_expiration_time")
+        if expiration is None:
+            expiration = rs.expiration_time
         hint = _Hint(rs, expiration, cache_key, bool(ignore))
         if memo:
             self._hints.put(spec, hint)

@@ -17,6 +17,7 @@ takes (``sessionmaker(engine, execution_options={"cache_region": "default"})``):
 
 from __future__ import annotations
 
+import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.interfaces import UserDefinedOption
@@ -49,13 +50,22 @@ def _expiration_and_key(expiration_time: Any, cache_key: Any) -> tuple[float | N
     expiration_time)``, told apart by type, so moving is an import change."""
     if isinstance(expiration_time, str) and not isinstance(cache_key, str):
         expiration_time, cache_key = cache_key, expiration_time
-    if expiration_time is not None and (
-        isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float))
-    ):
-        raise TypeError(f"expiration_time must be a number of seconds, got {expiration_time!r}")
+    expiration_time = seconds(expiration_time, "expiration_time")
     if cache_key is not None and not isinstance(cache_key, str):
         raise TypeError(f"cache_key must be a string, got {cache_key!r}")
     return expiration_time, cache_key
+
+
+def seconds(value: Any, name: str) -> float | None:
+    """A number of seconds (``int``, ``float`` or ``timedelta``, as dogpile
+    takes them) as a float; ``TypeError`` naming ``name`` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
+    return float(value)
 
 
 class FromCache(UserDefinedOption):

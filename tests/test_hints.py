@@ -57,6 +57,29 @@ def test_statement_execution_options(env: Any) -> None:
     assert env.layer.stats()["hits"] == 2
 
 
+def test_expiration_as_a_timedelta(env: Any) -> None:
+    import datetime
+
+    minute = datetime.timedelta(minutes=1)
+    assert FromCache("default", minute).expiration_time == 60
+    stmt = select(User.id).execution_options(cache_region="default", cache_expiration_time=minute)
+    _run_twice(env.Session, stmt)
+    assert env.layer.stats()["hits"] == 1
+    stmt = select(User.id).execution_options(
+        cache_region="default", cache_expiration_time=datetime.timedelta(0)
+    )
+    _run_twice(env.Session, stmt)
+    assert env.layer.stats()["hits"] == 1, "a zero timedelta serves nothing"
+
+
+def test_a_bad_expiration_execution_option_names_itself(env: Any) -> None:
+    import pytest
+
+    stmt = select(User.id).execution_options(cache_region="default", cache_expiration_time="soon")
+    with env.Session() as s, pytest.raises(TypeError, match="cache_expiration_time"):
+        s.execute(stmt)
+
+
 def test_cache_all(make_env: Any) -> None:
     env = make_env(cache_all=True)
     _run_twice(env.Session, select(User.id))
