@@ -36,13 +36,13 @@ from typing import Any, TypeVar
 from dogpile.cache.region import CacheRegion
 from sqlalchemy import Table, event, inspect
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.orm import loading as _orm_loading
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.util.concurrency import in_greenlet
 
 from . import keys as _keys
+from ._aio import sqlalchemy_asyncio
 from .exc import ConfigurationError
 from .invalidation import ALL_TABLES, ANY_TABLE, Lookup, StampStore, store_for_region
 from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache, seconds
@@ -78,6 +78,15 @@ T = TypeVar("T")
 _NO_HINT = object()
 _ALL_ONLY = (ALL_TABLES,)  # the tables of a statement never seen: only invalidate_all's
 _DEFAULT_LOAD_OPTIONS = QueryContext.default_load_options
+
+
+def _async_classes() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...]]:
+    """(async_sessionmaker,), (AsyncSession,): empty when the application does
+    not use SQLAlchemy's asyncio extension (see :mod:`sqla_cachelayer._aio`)."""
+    aio = sqlalchemy_asyncio()
+    if aio is None:
+        return (), ()
+    return (aio.async_sessionmaker,), (aio.AsyncSession,)
 
 
 class _RegionState:
@@ -311,18 +320,19 @@ class CacheLayer:
 
     @staticmethod
     def _events_target(target: Any) -> Any:
+        async_factory, async_session = _async_classes()
         if isinstance(target, scoped_session):
             return CacheLayer._events_target(target.session_factory)
         if isinstance(target, sessionmaker):
             return target.class_
-        if isinstance(target, async_sessionmaker):
+        if isinstance(target, async_factory):
             sync_class = target.kw.get("sync_session_class", Session)
             if sync_class is Session:
                 # give this factory a class of its own rather than hooking every Session
                 sync_class = type("CachedSession", (Session,), {})
                 target.kw["sync_session_class"] = sync_class
             return sync_class
-        if isinstance(target, AsyncSession):
+        if isinstance(target, async_session):
             return target.sync_session
         if isinstance(target, Session) or (
             isinstance(target, type) and issubclass(target, Session)
@@ -335,13 +345,15 @@ class CacheLayer:
 
     @staticmethod
     def _binds_of(target: Any) -> list[Engine]:
+        async_factory, async_session = _async_classes()
+        factories: tuple[type[Any], ...] = (sessionmaker, *async_factory)
         found: list[Any] = []
         if isinstance(target, scoped_session):
             target = target.session_factory
-        if isinstance(target, (sessionmaker, async_sessionmaker)):
+        if isinstance(target, factories):
             found.append(target.kw.get("bind"))
             found.extend((target.kw.get("binds") or {}).values())
-        elif isinstance(target, AsyncSession):
+        elif isinstance(target, async_session):
             found.append(target.sync_session.bind)
         elif isinstance(target, Session):
             found.append(target.bind)

@@ -63,6 +63,8 @@ import tenacity
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
+from ._aio import sqlalchemy_asyncio
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -455,13 +457,12 @@ class AsyncDecorator(Protocol):
 
 
 def _is_async_factory(session_factory: object) -> bool:
-    try:
-        from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
-    except ImportError:  # pragma: no cover - asyncio extension unavailable
-        return False
-    if isinstance(session_factory, async_sessionmaker | async_scoped_session):
+    aio = sqlalchemy_asyncio()
+    if aio is None:
+        return False  # no asynchronous factory can exist yet
+    if isinstance(session_factory, aio.async_sessionmaker | aio.async_scoped_session):
         return True
-    return isinstance(session_factory, type) and issubclass(session_factory, AsyncSession)
+    return isinstance(session_factory, type) and issubclass(session_factory, aio.AsyncSession)
 
 
 @overload

@@ -96,3 +96,19 @@ def test_demo_subprocess_exits_zero(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert MATCHED.search(done.stdout), done.stdout
     assert done.stderr == "", done.stderr  # --quiet: no progress bar
+
+
+def test_demo_runs_without_greenlet(tmp_path: Path) -> None:
+    """The README's demo command installs the package without extras: nothing a
+    synchronous application runs may need greenlet (SQLAlchemy's asyncio)."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['greenlet'] = None  # as if not installed: importing it fails\n"
+        "sys.argv = ['sqla_cachelayer', 'demo', '--operations', '100', '--quiet']\n"
+        "runpy.run_module('sqla_cachelayer', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert MATCHED.search(done.stdout), done.stdout
