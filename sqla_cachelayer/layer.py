@@ -698,7 +698,8 @@ class CacheLayer:
             return None
 
         tables = shape.tables
-        tx = session._transaction
+        # the root transaction: a savepoint's own connections start empty
+        tx = session.get_transaction()
         if tx is not None and tx._connections:
             written = self._session_written(session)
             if written and (

@@ -181,6 +181,24 @@ def test_read_your_writes_inside_transaction(env: Any) -> None:
     assert "mine" not in [n for _, n in _names(env, USERS)]
 
 
+def test_read_your_writes_inside_a_savepoint(env: Any) -> None:
+    """G2 holds for the whole transaction: a savepoint begun after a write, or
+    a write made inside one, never makes a cached answer hide it."""
+    _cached_then_hit(env, USERS)
+    with env.Session() as s:
+        s.get(User, 1).name = "before the savepoint"
+        s.flush()
+        with s.begin_nested():
+            names = [n for _, n in s.execute(USERS)]
+            assert "before the savepoint" in names
+            s.get(User, 2).name = "inside it"
+            s.flush()
+            names = [n for _, n in s.execute(USERS)]
+            assert "inside it" in names and "before the savepoint" in names
+        s.rollback()
+    assert {"before the savepoint", "inside it"}.isdisjoint(n for _, n in _names(env, USERS))
+
+
 def test_uncommitted_results_are_never_published(env: Any) -> None:
     with env.Session() as s:
         s.add(User(id=77, name="uncommitted"))
