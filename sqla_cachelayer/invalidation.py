@@ -156,29 +156,19 @@ class StampStore(ABC):
 
     # entries ---------------------------------------------------------------
     def _decode_entry(self, raw: Any) -> Any:
-        if type(raw) is CachedValue:
+        if isinstance(raw, CachedValue):  # what this layer writes
             raw = raw.payload
-            if type(raw) is bytes or (self.stores_objects and raw is not None):
-                return raw  # what this layer writes, told at once
-        elif raw is NO_VALUE or raw is None:
-            return None
-        elif isinstance(raw, CachedValue):
-            raw = raw.payload
-        if isinstance(raw, bytes) or (self.stores_objects and raw is not None):
+        if isinstance(raw, bytes) or (
+            self.stores_objects and raw is not None and raw is not NO_VALUE
+        ):
             return raw
         return None
-
-    def read_entry(self, key: str) -> Any:
-        return self._decode_entry(self._get_raw(key))
 
     def write_entry(self, key: str, payload: Any) -> None:
         if self._serialized:
             self._backend.set_serialized(key, payload)
         else:
             self._backend.set(key, CachedValue(payload, {"ct": time.time(), "v": 2}))
-
-    def delete_entry(self, key: str) -> None:
-        self._backend.delete(key)
 
     def mutex(self, key: str) -> Any:
         """The per-key single-flight lock.

@@ -159,8 +159,9 @@ def _encode_value(value: Any, out: list[str]) -> None:
             raise Uncacheable(f"bound value of type {t.__name__} cannot be keyed") from err
 
 
-def structure_digest(structure: tuple[Any, ...]) -> bytes:
-    """A stable digest of a statement's structure (SQLAlchemy's ``CacheKey.key``).
+def structure_digest(structure: tuple[Any, ...]) -> str:
+    """A stable digest, 40 hex digits, of a statement's structure (SQLAlchemy's
+    ``CacheKey.key``).
 
     Stable across processes for everything that has a stable encoding; an
     object without one gets a label unique to this call, so it can never share
@@ -168,7 +169,7 @@ def structure_digest(structure: tuple[Any, ...]) -> bytes:
     """
     out: list[str] = []
     _encode_structure(structure, out)
-    return hashlib.blake2b("".join(out).encode(), digest_size=20).digest()
+    return hashlib.blake2b("".join(out).encode(), digest_size=20).hexdigest()
 
 
 # id(engine) -> (a weak reference to it, its URL, the URL's tag). The reference

@@ -122,7 +122,7 @@ class _Shape:
     __slots__ = ("digest", "metadata", "tables")
 
     def __init__(self, digest: str) -> None:
-        #: the structure's stable digest, in hex (see keys.query_key)
+        #: the structure's stable digest (keys.structure_digest)
         self.digest = digest
         #: the tables its result read, as recorded on a miss
         self.tables: tuple[str, ...] | None = None
@@ -593,12 +593,11 @@ class CacheLayer:
             self._hints.put(spec, hint)
         return hint
 
-    def _session_written(self, session: Session) -> set[str] | None:
-        tx = session.get_transaction()
-        if tx is None or not tx._connections:
-            return None
+    @staticmethod
+    def _written_on(connections: Mapping[Any, Any]) -> set[str] | None:
+        """Tables written on a transaction's connections (``SessionTransaction._connections``)."""
         written: set[str] | None = None
-        for entry in tx._connections.values():
+        for entry in connections.values():
             found = written_on(entry[0])
             if found:
                 written = set(found) if written is None else written | found
@@ -677,7 +676,7 @@ class CacheLayer:
             structure = ck.key
             shape = self._shapes.get(structure)
             if shape is None:
-                shape = _Shape(_keys.structure_digest(structure).hex())
+                shape = _Shape(_keys.structure_digest(structure))
                 self._shapes.put(structure, shape)
             extra = exec_opts.get("identity_token")
             extra = "" if extra is None else str(extra)
@@ -701,7 +700,7 @@ class CacheLayer:
         # the root transaction: a savepoint's own connections start empty
         tx = session.get_transaction()
         if tx is not None and tx._connections:
-            written = self._session_written(session)
+            written = self._written_on(tx._connections)
             if written and (
                 tables is None or ANY_TABLE in tables or not written.isdisjoint(tables)
             ):

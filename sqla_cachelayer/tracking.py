@@ -219,11 +219,6 @@ def classify_textual(sql: str) -> tuple[frozenset[str], bool]:
     return frozenset((ALL_TABLES,)), True
 
 
-def parse_textual_writes(sql: str) -> frozenset[str]:
-    """Tables a textual statement may write; ``{"*all*"}`` when it cannot tell."""
-    return classify_textual(sql)[0]
-
-
 _text_kinds: BoundedMemo[str, tuple[frozenset[str], bool]] = BoundedMemo(5000)
 
 
