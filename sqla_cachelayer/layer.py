@@ -78,6 +78,9 @@ T = TypeVar("T")
 _NO_HINT = object()
 _ALL_ONLY = (ALL_TABLES,)  # the tables of a statement never seen: only invalidate_all's
 _DEFAULT_LOAD_OPTIONS = QueryContext.default_load_options
+#: set in ``session.info`` by :func:`~sqla_cachelayer.run_in_transaction`
+#: (unless called with ``use_cache=True``): every read of that session bypasses
+UNIT_OF_WORK_INFO_KEY = "sqla_cachelayer.unit_of_work"
 
 
 def _async_classes() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...]]:
@@ -640,6 +643,11 @@ class CacheLayer:
             return None
         session = orm_context.session
         stats = self._stats
+        if session.info.get(UNIT_OF_WORK_INFO_KEY):
+            # G7: a read-modify-write unit of work reads the database, or a
+            # concurrent commit's stamp bump could arrive after its read
+            stats.incr("bypasses")
+            return None
         exec_opts = orm_context.execution_options
         statement = orm_context.statement
         load_options = exec_opts.get("_sa_orm_load_options", _DEFAULT_LOAD_OPTIONS)
