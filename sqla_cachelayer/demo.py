@@ -72,6 +72,7 @@ __all__ = [
     "KindReport",
     "Mismatch",
     "format_report",
+    "report_as_dict",
     "run_demo",
 ]
 
@@ -759,6 +760,38 @@ def format_report(report: DemoReport) -> str:
             lines.append(f"    database: {_clip(m.uncached)}")
     lines.append(f"finished in {report.seconds:.1f} s")
     return "\n".join(lines)
+
+
+def report_as_dict(report: DemoReport) -> dict[str, Any]:
+    """The report as plain JSON-ready values (``demo --json``)."""
+    kinds = {}
+    for kind in report.kinds.values():
+        kinds[kind.kind] = {
+            "reads": kind.reads,
+            "hits": kind.hits,
+            "hit_ratio": kind.hit_ratio,
+            "median_hit_us": _median_us(kind.hit_ns),
+            "median_miss_us": _median_us(kind.miss_ns),
+            "median_other_us": _median_us(kind.other_ns),
+            "median_uncached_us": _median_us(kind.uncached_ns),
+        }
+    return {
+        "operations": report.operations,
+        "seed": report.seed,
+        "database": report.db_path,
+        "backend": report.backend,
+        "rows": report.rows,
+        "reads": report.reads,
+        "hits": report.hits,
+        "hit_ratio": report.hit_ratio,
+        "kinds": kinds,
+        "writes": report.writes,
+        "counters": report.stats,
+        "checks": report.checks,
+        "mismatches": len(report.mismatches),
+        "all_matched": report.all_matched,
+        "seconds": report.seconds,
+    }
 
 
 def _clip(value: Any, width: int = 160) -> str:
