@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import importlib
 import itertools
 import os
 import random
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from sqlalchemy import (
     Engine,
@@ -56,7 +57,6 @@ from sqlalchemy.orm import (
     selectinload,
     sessionmaker,
 )
-from tqdm import tqdm
 
 from .engine import engine_from_config
 from .exc import ConfigurationError
@@ -194,7 +194,9 @@ class DemoConfig:
     :param db_path: the SQLite file; ``None`` for a file in a temporary
         directory, removed afterwards. An existing file is rebuilt only if it
         is empty or was made by this demo.
-    :param progress: show a progress bar (on ``progress_stream``).
+    :param progress: show a progress bar on ``progress_stream`` (default
+        stderr) when that stream is a terminal and ``tqdm`` is installed (the
+        ``progress`` extra); otherwise run without one.
     """
 
     operations: int = 2000
@@ -248,6 +250,35 @@ class KindReport:
         """Hits over cached reads (0.0 when there were none)."""
         return self.hits / self.reads if self.reads else 0.0
 
+    @property
+    def uncached_us(self) -> float | None:
+        """Median latency of this kind of read without the cache, in µs."""
+        return _median_us(self.uncached_ns)
+
+    @property
+    def blended_us(self) -> float | None:
+        """What a read of this kind cost on average with the cache, in µs.
+
+        Each outcome's median (hit, miss, sent to the database on purpose)
+        weighted by how often it happened: ``h * hit + (1 - h) * miss`` when
+        every read hit or missed. Medians keep one slow outlier from deciding.
+        """
+        if not self.reads:
+            return None
+        total = 0.0
+        for samples in (self.hit_ns, self.miss_ns, self.other_ns):
+            if samples:
+                total += len(samples) * statistics.median(samples)
+        return total / self.reads / 1000
+
+    @property
+    def net_speedup(self) -> float | None:
+        """Uncached over blended latency: above 1 the cache paid off for this kind."""
+        blended, plain = self.blended_us, self.uncached_us
+        if not blended or not plain:
+            return None
+        return plain / blended
+
 
 @dataclass
 class DemoReport:
@@ -279,6 +310,23 @@ class DemoReport:
     def hit_ratio(self) -> float:
         """Hits over cached reads."""
         return self.hits / self.reads if self.reads else 0.0
+
+    @property
+    def net_speedup(self) -> float | None:
+        """All kinds together: uncached over blended latency, weighted by reads."""
+        cached = plain = 0.0
+        for kind in self.kinds.values():
+            blended, uncached = kind.blended_us, kind.uncached_us
+            if blended and uncached:
+                cached += kind.reads * blended
+                plain += kind.reads * uncached
+        return plain / cached if cached else None
+
+    @property
+    def slower_kinds(self) -> list[KindReport]:
+        """The kinds of read the cache made slower, the worst first."""
+        slower = [k for k in self.kinds.values() if (k.net_speedup or 1.0) < 1.0]
+        return sorted(slower, key=lambda k: k.net_speedup or 1.0)
 
     @property
     def all_matched(self) -> bool:
@@ -601,6 +649,35 @@ def _cached_read(
     return answer, elapsed, "other"
 
 
+class _Bar(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class _NoBar:
+    """What runs instead of a progress bar: nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(config: DemoConfig) -> _Bar:
+    """A tqdm bar on a terminal; nothing when piped or logged, or without tqdm."""
+    stream = config.progress_stream if config.progress_stream is not None else sys.stderr
+    if not config.progress or not stream.isatty():
+        return _NoBar()
+    try:
+        tqdm = importlib.import_module("tqdm").tqdm
+    except ImportError:  # an optional extra ("progress")
+        return _NoBar()
+    bar: _Bar = tqdm(total=config.operations, desc="demo", unit="op", file=stream, leave=False)
+    return bar
+
+
 @contextmanager
 def _database_file(db_path: str | None) -> Iterator[str]:
     if db_path is not None:
@@ -643,14 +720,7 @@ def _run(
     mismatches: list[Mismatch] = []
     checks = 0
     before = layer.stats()
-    bar = tqdm(
-        total=config.operations,
-        desc="demo",
-        unit="op",
-        disable=not config.progress,
-        file=config.progress_stream if config.progress_stream is not None else sys.stderr,
-        leave=False,
-    )
+    bar = _progress_bar(config)
     try:
         for op in range(config.operations):
             kind = workload.choose()
@@ -709,6 +779,15 @@ def _fmt_us(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _net(speedup: float | None, flag: bool = True) -> str:
+    """``1.32x faster`` or ``14% slower`` (flagged with an arrow)."""
+    if speedup is None:
+        return "-"
+    if speedup >= 1.0:
+        return f"{speedup:,.2f}x faster"
+    return f"{1.0 / speedup - 1.0:.0%} slower" + ("  <-" if flag else "")
+
+
 def format_report(report: DemoReport) -> str:
     """The short text report ``python -m sqla_cachelayer demo`` prints."""
     rows = ", ".join(f"{n:,} {table}" for table, n in report.rows.items())
@@ -726,24 +805,46 @@ def format_report(report: DemoReport) -> str:
         f"hit ratio       {report.hit_ratio:.1%} ({report.hits:,} hits of {report.reads:,} "
         "cached reads)",
         "",
-        "median latency per read, fresh session each time (µs):",
-        f"  {'query kind':<18}{'reads':>7}{'hit ratio':>11}{'cached hit':>12}"
-        f"{'cached miss':>13}{'uncached':>10}{'hit speed-up':>14}",
+        "is it worth it? median latency per read of each kind, fresh session each time (µs):",
+        f"  {'query kind':<18}{'reads':>7}{'hit ratio':>11}{'hit':>8}{'miss':>8}"
+        f"{'uncached':>10}{'hit alone':>11}{'with cache':>12}  net effect",
     ]
     for kind in report.kinds.values():
         hit = _median_us(kind.hit_ns)
-        miss = _median_us(kind.miss_ns)
-        plain = _median_us(kind.uncached_ns)
-        speedup = f"{plain / hit:,.1f}x" if hit and plain else "-"
+        plain = kind.uncached_us
+        hit_alone = f"{plain / hit:,.1f}x" if hit and plain else "-"
         lines.append(
-            f"  {kind.kind:<18}{kind.reads:>7,}{kind.hit_ratio:>11.1%}{_fmt_us(hit):>12}"
-            f"{_fmt_us(miss):>13}{_fmt_us(plain):>10}{speedup:>14}"
+            f"  {kind.kind:<18}{kind.reads:>7,}{kind.hit_ratio:>11.1%}{_fmt_us(hit):>8}"
+            f"{_fmt_us(_median_us(kind.miss_ns)):>8}{_fmt_us(plain):>10}{hit_alone:>11}"
+            f"{_fmt_us(kind.blended_us):>12}  {_net(kind.net_speedup)}"
         )
+    lines += [
+        f"  {'all reads':<18}{report.reads:>7,}{report.hit_ratio:>11.1%}"
+        f"{'':>49}  {_net(report.net_speedup)}",
+        "",
+        "  hit alone: how much faster a hit is than the uncached query. with cache: what a",
+        "  read of that kind cost on average through the cache, its hit and miss medians",
+        "  weighted by its own hit ratio (hit ratio x hit + the rest x miss). net effect:",
+        "  uncached against with cache, the answer to 'is caching this query worth it?'.",
+    ]
+    slower = report.slower_kinds
+    if slower:
+        lines += [
+            "  SLOWER WITH THE CACHE: "
+            + ", ".join(f"{k.kind} ({_net(k.net_speedup, flag=False)})" for k in slower),
+            "  their misses cost more than their hits save at their hit ratio: leave them",
+            "  uncached (NoCache), or find what keeps invalidating them (stats(by='query')).",
+        ]
+    else:
+        lines.append("  no kind of read was slower with the cache")
     lines += [
         "",
         f"layer counters  hits {stats.get('hits', 0):,}, misses {stats.get('misses', 0):,}, "
         f"stores {stats.get('stores', 0):,}, stale {stats.get('stale', 0):,}, "
         f"bypasses {stats.get('bypasses', 0):,}, not stored {stats.get('not_stored', 0):,}",
+        "  stale: entries found in the cache but refused, because a write committed since",
+        "  changed a table they read (or they expired); each such read went on as a miss.",
+        "  No stale answer was served for them: the check below compares every answer.",
         f"invalidations   {stats.get('invalidations', 0):,}",
         f"errors          {stats.get('errors', 0):,}",
     ]
@@ -773,7 +874,9 @@ def report_as_dict(report: DemoReport) -> dict[str, Any]:
             "median_hit_us": _median_us(kind.hit_ns),
             "median_miss_us": _median_us(kind.miss_ns),
             "median_other_us": _median_us(kind.other_ns),
-            "median_uncached_us": _median_us(kind.uncached_ns),
+            "median_uncached_us": kind.uncached_us,
+            "with_cache_us": kind.blended_us,
+            "net_speedup": kind.net_speedup,
         }
     return {
         "operations": report.operations,
@@ -785,6 +888,8 @@ def report_as_dict(report: DemoReport) -> dict[str, Any]:
         "hits": report.hits,
         "hit_ratio": report.hit_ratio,
         "kinds": kinds,
+        "net_speedup": report.net_speedup,
+        "slower_kinds": [k.kind for k in report.slower_kinds],
         "writes": report.writes,
         "counters": report.stats,
         "checks": report.checks,

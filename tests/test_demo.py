@@ -110,3 +110,103 @@ def test_demo_runs_without_greenlet(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert MATCHED.search(done.stdout), done.stdout
+
+
+def test_net_effect_blends_medians_by_hit_ratio() -> None:
+    """The 'is it worth it?' column: a kind whose hits are 2x faster can still
+    lose when it misses too often; the report says which."""
+    from sqla_cachelayer.demo import KindReport
+
+    cheap = KindReport("mostly_hits", hit_ns=[100_000] * 9, miss_ns=[300_000])
+    cheap.uncached_ns = [200_000] * 10
+    costly = KindReport("mostly_misses", hit_ns=[100_000] * 2, miss_ns=[300_000] * 8)
+    costly.uncached_ns = [200_000] * 10
+    assert cheap.blended_us == pytest.approx(0.9 * 100 + 0.1 * 300)
+    assert cheap.net_speedup == pytest.approx(200 / 120)
+    assert costly.blended_us == pytest.approx(0.2 * 100 + 0.8 * 300)
+    assert costly.net_speedup == pytest.approx(200 / 260)
+    report = run_demo(DemoConfig(operations=20, progress=False))
+    report.kinds = {"mostly_hits": cheap, "mostly_misses": costly}
+    assert [k.kind for k in report.slower_kinds] == ["mostly_misses"]
+    # all reads: (10 * 120 + 10 * 260) against 20 * 200
+    assert report.net_speedup == pytest.approx(4000 / 3800)
+    text = format_report(report)
+    assert re.search(r"mostly_hits .* 1\.67x faster\n", text), text
+    assert re.search(r"mostly_misses .* 30% slower  <-\n", text), text
+    assert "SLOWER WITH THE CACHE: mostly_misses (30% slower)" in text
+    assert "stale: entries found in the cache but refused" in text
+
+
+def test_report_has_the_net_effect_column(tmp_path: Path) -> None:
+    report = run_demo(DemoConfig(operations=300, seed=2, progress=False))
+    text = format_report(report)
+    assert "net effect" in text and "all reads" in text
+    for kind in report.kinds.values():
+        if kind.reads:
+            assert kind.blended_us is not None and kind.net_speedup is not None
+    flagged = {k.kind for k in report.slower_kinds}
+    assert flagged == {k.kind for k in report.kinds.values() if (k.net_speedup or 1) < 1}
+    assert ("SLOWER WITH THE CACHE" in text) == bool(flagged)
+
+
+def _demo_on_a_terminal(tmp_path: Path, *, hide_tqdm: bool) -> tuple[int, str]:
+    """Run the demo with stderr on a pseudo-terminal; what the terminal received."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    code = (
+        "import runpy, sys\n"
+        + (
+            "sys.modules['tqdm'] = None  # as if the progress extra were not installed\n"
+            if hide_tqdm
+            else ""
+        )
+        + "sys.argv = ['sqla_cachelayer', 'demo', '--operations', '150']\n"
+        "runpy.run_module('sqla_cachelayer', run_name='__main__')\n"
+    )
+    master, slave = pty.openpty()
+    # a terminal of 100 columns (a new pty has 0, where tqdm draws nothing)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        cwd=tmp_path,
+    )
+    os.close(slave)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closed: the child is done
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(master)
+    return proc.wait(timeout=120), received.decode(errors="replace")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
+    pytest.importorskip("tqdm")
+    status, terminal = _demo_on_a_terminal(tmp_path, hide_tqdm=False)
+    assert status == 0
+    assert "demo:" in terminal and "op" in terminal, terminal  # tqdm's bar
+    done = subprocess.run(
+        [sys.executable, "-m", "sqla_cachelayer", "demo", "--operations", "150"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0
+    assert done.stderr == ""  # stderr is a pipe: no bar, no escape codes
+
+
+def test_demo_runs_without_tqdm(tmp_path: Path) -> None:
+    status, terminal = _demo_on_a_terminal(tmp_path, hide_tqdm=True)
+    assert status == 0
+    assert terminal.strip() == "", terminal
