@@ -317,6 +317,19 @@ class RedisStampStore(StampStore):
         super().__init__(region, "{" + namespace + "}")
         actual = region.actual_backend
         self._writer = getattr(actual, "writer_client", None) or actual.client
+        from .backends.redis import retry_problem
+
+        problem = retry_problem(self._writer)
+        if problem:
+            # a region built by the application: its client is its own to set
+            log.warning(
+                "sqla_cachelayer: Redis region %r: %s; a hung server stalls each cache call "
+                "that long. Build the region with backend 'sqla_cachelayer.redis' or with "
+                "sqla_cachelayer.backends.redis.bounded_arguments(...), or set "
+                "socket_timeout and connection_kwargs={'retry': no_retry()} yourself.",
+                region.name,
+                problem,
+            )
         self._reader = getattr(actual, "reader_client", None) or self._writer
         self._script = self._writer.register_script(_BUMP_LUA)
         # entries live in other slots: a cluster client splits the read by node

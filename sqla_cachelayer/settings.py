@@ -176,26 +176,37 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
     return result
 
 
-#: socket timeouts given to Redis regions unless configured: dogpile's defaults
-#: take 3-5 s to fail a call on a dead server and about a minute on a hung one
-REDIS_TIMEOUT_DEFAULTS = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
+#: dogpile's Redis backends whose connections the layer bounds (see
+#: :func:`sqla_cachelayer.backends.redis.bounded_arguments`); the project's own
+#: ``sqla_cachelayer.redis`` applies the same bounds itself
+_BOUNDED_REDIS_BACKENDS = ("dogpile.cache.redis", "dogpile.cache.redis_sentinel")
+
+
+def _redis_arguments(spec: RegionSettings) -> dict[str, Any]:
+    """A Redis region's arguments with the layer's bounds (every connection form)."""
+    from .backends.redis import bounded_arguments
+
+    arguments = dict(spec.arguments)
+    if spec.backend in _BOUNDED_REDIS_BACKENDS:
+        arguments = bounded_arguments(spec.backend, arguments)
+    if parse_bool(arguments.get("distributed_lock", False)):
+        # dogpile's advice: a thread-local token breaks the distributed lock
+        arguments.setdefault("thread_local_lock", False)
+    return arguments
 
 
 def build_region(spec: RegionSettings, prefix: str = "cachelayer.") -> CacheRegion:
     """A configured dogpile region for one :class:`RegionSettings`."""
-    arguments = dict(spec.arguments)
-    if spec.backend.startswith("dogpile.cache.redis"):
-        for name, default in REDIS_TIMEOUT_DEFAULTS.items():
-            arguments.setdefault(name, default)
-        if parse_bool(arguments.get("distributed_lock", False)):
-            # dogpile's advice: a thread-local token breaks the distributed lock
-            arguments.setdefault("thread_local_lock", False)
-    config: dict[str, Any] = {"r.backend": spec.backend}
-    if spec.expiration_time is not None:
-        config["r.expiration_time"] = spec.expiration_time
-    for name, value in arguments.items():
-        config[f"r.arguments.{name}"] = value
     try:
+        if spec.backend.startswith("dogpile.cache.redis"):
+            arguments = _redis_arguments(spec)
+        else:
+            arguments = dict(spec.arguments)
+        config: dict[str, Any] = {"r.backend": spec.backend}
+        if spec.expiration_time is not None:
+            config["r.expiration_time"] = spec.expiration_time
+        for name, value in arguments.items():
+            config[f"r.arguments.{name}"] = value
         return make_region(name=spec.name).configure_from_config(config, "r.")
     except ConfigurationError as err:
         # this project's backends name the bare argument: give the settings key

@@ -445,8 +445,13 @@ class RedisServer:
     """A private redis-server: start, stop, kill, pause/resume, restart.
 
     ``restart()`` comes back on the same port, so clients configured with
-    ``url`` reconnect to it.
+    ``url`` reconnect to it. ``unix_socket=True`` also listens on
+    ``unix_socket_path``. ``sentinel_of=<port>`` starts a Redis Sentinel
+    (``redis-server sentinel.conf --sentinel``) monitoring the server on that
+    port as :attr:`SENTINEL_SERVICE`.
     """
+
+    SENTINEL_SERVICE = "mymaster"
 
     binary: str
     port: int = 0
@@ -454,10 +459,46 @@ class RedisServer:
     extra_args: list[str] = field(default_factory=list)
     workdir: Path | None = None
     server: ServerProcess | None = None
+    unix_socket: bool = False
+    sentinel_of: int = 0
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_socket_path(self) -> str:
+        assert self.workdir is not None
+        return str(self.workdir / "redis.sock")
+
+    def _argv(self, port: int) -> list[str]:
+        assert self.workdir is not None
+        if self.sentinel_of:
+            # a sentinel rewrites its config file: one of its own, per port
+            conf = self.workdir / f"sentinel-{port}.conf"
+            service = self.SENTINEL_SERVICE
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.workdir}\n"
+                f"sentinel monitor {service} 127.0.0.1 {self.sentinel_of} 1\n"
+                f"sentinel down-after-milliseconds {service} 600000\n"
+                f"sentinel failover-timeout {service} 600000\n"
+            )
+            return [self.binary, str(conf), "--sentinel"]
+        options: dict[str, Any] = {
+            "bind": "127.0.0.1",
+            "port": port,
+            "save": "",
+            "appendonly": "no",
+            "daemonize": "no",
+            "dir": self.workdir,
+            "databases": self.databases,
+        }
+        if self.unix_socket:
+            options.update(unixsocket=self.unix_socket_path, unixsocketperm="700")
+        argv = [self.binary]
+        for key, value in options.items():
+            argv += [f"--{key}", str(value)]
+        return argv
 
     def start(self, timeout: float = START_TIMEOUT) -> RedisServer:
         if self.workdir is None:
@@ -466,21 +507,9 @@ class RedisServer:
         last = ""
         for port in ports:
             log = self.workdir / f"redis-{port}.log"
-            options = {
-                "bind": "127.0.0.1",
-                "port": port,
-                "save": "",
-                "appendonly": "no",
-                "daemonize": "no",
-                "dir": self.workdir,
-                "databases": self.databases,
-            }
-            argv = [self.binary]
-            for key, value in options.items():
-                argv += [f"--{key}", str(value)]
             server = _spawn(
                 "redis",
-                [*argv, *self.extra_args],
+                [*self._argv(port), *self.extra_args],
                 log=log,
                 cwd=self.workdir,
             )
