@@ -11,8 +11,9 @@ A key covers:
   2.1 keeps them in ``CacheKey.params``, outside the rendered SQL), and the
   parameters given at execute time, each encoded injectively (type name and
   ``repr``, or a pickle);
-* the database: a digest of the engine URL (password hidden) and of the
-  ``schema_translate_map`` in effect;
+* the database: a digest of the database's name (the engine URL less its
+  driver, password hidden; see :func:`database_name`) and of the
+  ``schema_translate_map`` in effect, from whichever level it was set;
 * the ORM execution options that change which objects come back
   (``identity_token``).
 
@@ -37,8 +38,10 @@ import decimal
 import enum
 import hashlib
 import itertools
+import marshal
 import os
 import pickle
+import types
 import uuid
 import weakref
 from collections.abc import Mapping
@@ -84,9 +87,28 @@ class BoundedMemo(dict[K, V]):
 
 
 # Objects with no stable encoding get a label unique to this process and this
-# memo entry, so they can never collide with another object's label.
-_PROCESS_NONCE: Final = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+# memo entry, so they can never collide with another object's label. A forked
+# child inherits both the nonce and the counter: it gets a nonce of its own, or
+# two workers of one preloaded parent would label different statements alike.
+_PROCESS_NONCE = ""
 _local_labels = itertools.count()
+
+
+def _new_process_nonce() -> None:
+    global _PROCESS_NONCE
+    _PROCESS_NONCE = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+_new_process_nonce()
+os.register_at_fork(after_in_child=_new_process_nonce)
+
+
+def _code_digest(code: types.CodeType) -> str:
+    # marshal's bytes are the code itself (bytecode, constants, names, nested
+    # code, file and line): equal bytes mean the same function in every
+    # process that runs the same source
+    return hashlib.blake2b(marshal.dumps(code), digest_size=16).hexdigest()
+
 
 _SCALARS = (str, int, float, bool, type(None), bytes)
 
@@ -100,6 +122,12 @@ def _encode_structure(obj: Any, out: list[str]) -> None:
         out.append(")")
     elif t in _SCALARS:
         out.append(f"{t.__name__}:{obj!r},")
+    elif isinstance(obj, str):
+        # quoted_name (aliased() columns and labels): its quoting changes the SQL
+        out.append(f"{t.__name__}:{obj!r}:{getattr(obj, 'quote', None)!r},")
+    elif t is types.CodeType:
+        # a lambda's code (lambda statements, with_loader_criteria)
+        out.append(f"code:{_code_digest(obj)},")
     elif isinstance(obj, type):
         out.append(f"cls:{obj.__module__}.{obj.__qualname__},")
     elif isinstance(obj, TableClause):
@@ -172,29 +200,65 @@ def structure_digest(structure: tuple[Any, ...]) -> str:
     return hashlib.blake2b("".join(out).encode(), digest_size=20).hexdigest()
 
 
-# id(engine) -> (a weak reference to it, its URL, the URL's tag). The reference
-# tells a reused id apart; its callback drops the entry (at worst another
-# engine's, which is then recomputed). Single dict operations: atomic under the GIL.
+# id(engine) -> (a weak reference to it, its database's name, that name's tag).
+# The reference tells a reused id apart; its callback drops the entry (at worst
+# another engine's, which is then recomputed). Single dict operations: atomic
+# under the GIL.
 _db_identities: dict[int, tuple[weakref.ref[Engine], str, str]] = {}
+# (database tag, schema_translate_map items) -> their tag
+_translated: BoundedMemo[tuple[str, frozenset[Any]], str] = BoundedMemo(1000)
+# private in-memory SQLite databases: one number each, never reused
+_memory_databases = itertools.count()
 
 
 def _tag(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
 
 
+def database_name(engine: Engine) -> str:
+    """The database an engine reaches, named without its driver.
+
+    ``sqlite:///app.db`` and ``sqlite+aiosqlite:///app.db`` name one database
+    (the path made absolute, so processes in other directories agree), as do
+    ``postgresql+psycopg://`` and ``postgresql+asyncpg://`` URLs to the same
+    server, database and user. A private in-memory SQLite database is a
+    database of its own for each engine, in this process only.
+    """
+    url = engine.url
+    backend = url.get_backend_name()
+    url = url.set(drivername=backend)
+    if backend == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:") or url.query.get("mode") == "memory":
+            # one number per pool: an engine's execution_options() copies share it
+            number = engine.pool.__dict__.setdefault(
+                "_sqla_cachelayer_memory_db", next(_memory_databases)
+            )
+            return f"sqlite:memory:{_PROCESS_NONCE}:{number}"
+        if not database.startswith("file:"):
+            url = url.set(database=os.path.abspath(database))
+    return url.render_as_string(hide_password=True)
+
+
 def database_identity(bind: Engine | Connection, schema_translate_map: Any = None) -> str:
     """The part of a key that names the database, as 20 hex digits: a digest of
-    the engine URL (password hidden) and of the ``schema_translate_map``."""
+    :func:`database_name` and of the ``schema_translate_map`` in effect."""
     engine = bind.engine
     found = _db_identities.get(id(engine))
     if found is None or found[0]() is not engine:
-        url = engine.url.render_as_string(hide_password=True)
+        name = database_name(engine)
         key = id(engine)
-        found = (weakref.ref(engine, lambda _: _db_identities.pop(key, None)), url, _tag(url))
+        found = (weakref.ref(engine, lambda _: _db_identities.pop(key, None)), name, _tag(name))
         _db_identities[key] = found
-    if schema_translate_map:
-        return _tag(found[1] + "|" + repr(sorted(schema_translate_map.items(), key=repr)))
-    return found[2]
+    if not schema_translate_map:
+        return found[2]
+    spec = (found[2], frozenset(schema_translate_map.items()))
+    tag = _translated.get(spec)
+    if tag is None:
+        items = sorted(schema_translate_map.items(), key=repr)
+        tag = _tag(f"{found[1]}|{items!r}")
+        _translated.put(spec, tag)
+    return tag
 
 
 #: bound values whose encoding is at most this long stay readable in the key

@@ -676,7 +676,16 @@ class CacheLayer:
 
         try:
             bind = session.get_bind(**orm_context.bind_arguments)
-            db = _keys.database_identity(bind, exec_opts.get("schema_translate_map"))
+            schema_map = exec_opts.get("schema_translate_map", _NO_HINT)
+            if schema_map is _NO_HINT:
+                # not set on the statement, session or execute(): the connection's
+                # (its own and its engine's execution_options()) is in effect
+                tx = session.get_transaction()
+                held = tx._connections.get(bind) if tx is not None else None
+                schema_map = (held[0] if held is not None else bind)._execution_options.get(
+                    "schema_translate_map"
+                )
+            db = _keys.database_identity(bind, schema_map)
             ck = statement._generate_cache_key()  # type: ignore[attr-defined]
             if ck is None:
                 stats.incr("bypasses")

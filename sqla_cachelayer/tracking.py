@@ -33,7 +33,9 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import util as sql_util
-from sqlalchemy.sql.schema import Table
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.schema import MetaData
 from sqlalchemy.sql.selectable import TableClause
 
 from .invalidation import ALL_TABLES, ANY_TABLE
@@ -56,39 +58,98 @@ def table_name(table: Any) -> str:
     return str(getattr(table, "name", table)).lower()
 
 
-_cascades: weakref.WeakKeyDictionary[Table, frozenset[str]] = weakref.WeakKeyDictionary()
-_cascades_lock = threading.Lock()  # guards _cascades
+class _CascadeIndex:
+    """Which tables the database changes along with a written one, by name.
+
+    Built from every ``MetaData`` this process has seen (the tables of the
+    statements it ran, and the ORM's mapped classes): a foreign key declared
+    ``ON DELETE`` / ``ON UPDATE`` ``CASCADE``, ``SET NULL`` or ``SET DEFAULT``
+    makes its table change with the table it references, transitively. Names
+    are bare (see :func:`table_name`), so two tables of one name in different
+    schemas or metadatas expand alike: more invalidation, never less.
+
+    Cascades the ``MetaData`` does not declare (a schema made by migrations
+    the models do not describe, triggers) are not seen; see
+    ``docs/invalidation.md``.
+    """
+
+    def __init__(self) -> None:
+        # guards _metadatas and the rebuild of _index; lookups read _index lock-free
+        self._lock = threading.Lock()
+        self._metadatas: weakref.WeakSet[MetaData] = weakref.WeakSet()
+        self._sizes: dict[int, int] = {}
+        self._index: dict[str, frozenset[str]] = {}
+
+    def note(self, metadata: MetaData | None) -> None:
+        """Take ``metadata``'s foreign keys into account (cheap when known)."""
+        if metadata is None:
+            return
+        if self._sizes.get(id(metadata)) == len(metadata.tables) and metadata in self._metadatas:
+            return
+        with self._lock:
+            self._metadatas.add(metadata)
+            self._rebuild()
+
+    def note_mapped(self) -> None:
+        """Take the metadata of every ORM registry into account."""
+        for registry in _compat_mapper_registries():
+            self.note(getattr(registry, "metadata", None))
+
+    def _rebuild(self) -> None:
+        referencing: dict[str, set[str]] = {}
+        sizes: dict[int, int] = {}
+        for metadata in list(self._metadatas):
+            sizes[id(metadata)] = len(metadata.tables)
+            for table in list(metadata.tables.values()):
+                for fk in table.foreign_keys:
+                    rules = {(fk.ondelete or "").upper(), (fk.onupdate or "").upper()}
+                    if rules & {"CASCADE", "SET NULL", "SET DEFAULT"}:
+                        target = table_name(fk.column.table)
+                        referencing.setdefault(target, set()).add(table_name(table))
+        index: dict[str, frozenset[str]] = {}
+        for name in referencing:
+            found = {name}
+            todo = [name]
+            while todo:
+                for other in referencing.get(todo.pop(), ()):
+                    if other not in found:
+                        found.add(other)
+                        todo.append(other)
+            index[name] = frozenset(found)
+        self._index = index  # replaced whole: readers see the old or the new one
+        self._sizes = sizes
+
+    def expand(self, names: frozenset[str]) -> frozenset[str]:
+        """``names`` plus every table that cascades from them."""
+        index = self._index
+        if not index or index.keys().isdisjoint(names):
+            return names
+        out = set(names)
+        for name in names:
+            out |= index.get(name, frozenset())
+        return frozenset(out)
+
+
+def _compat_mapper_registries() -> list[Any]:
+    # sqlalchemy.orm.mapperlib._mapper_registries: every live ORM registry
+    # (checked on SQLAlchemy 2.0.30 to 2.1.9); none found is only less expansion
+    from sqlalchemy.orm import mapperlib
+
+    return list(getattr(mapperlib, "_mapper_registries", {}))
+
+
+cascades = _CascadeIndex()
+
+
+def _noted_name(table: TableClause) -> str:
+    """The table's stamp name, its ``MetaData`` noted for cascades."""
+    cascades.note(getattr(table, "metadata", None))
+    return table_name(table)
 
 
 def written_names(table: TableClause) -> frozenset[str]:
     """A written table plus those the database changes with it (FK cascades)."""
-    if not isinstance(table, Table):
-        return frozenset((table_name(table),))
-    found = _cascades.get(table)
-    if found is None:
-        names = {table_name(table)}
-        todo = [table]
-        seen = {table}
-        while todo:
-            current = todo.pop()
-            for other in current.metadata.tables.values():
-                if other in seen:
-                    continue
-                for fk in other.foreign_keys:
-                    rules = {(fk.ondelete or "").upper(), (fk.onupdate or "").upper()}
-                    if fk.column.table is current and rules & {
-                        "CASCADE",
-                        "SET NULL",
-                        "SET DEFAULT",
-                    }:
-                        seen.add(other)
-                        names.add(table_name(other))
-                        todo.append(other)
-                        break
-        found = frozenset(names)
-        with _cascades_lock:
-            _cascades[table] = found
-    return found
+    return cascades.expand(frozenset((_noted_name(table),)))
 
 
 # --------------------------------------------------------------------------
@@ -185,7 +246,19 @@ def _clean_ident(raw: str) -> str:
     return last.strip('"`[]').lower()
 
 
+# an upsert's own UPDATE clause names columns, not tables
+_UPSERT = re.compile(
+    r"\bon\s+conflict\b.*?\bdo\s+(?:update\s+set|nothing)\b|\bon\s+duplicate\s+key\s+update\b",
+    re.I | re.S,
+)
+_TRUNCATE_CASCADE = re.compile(r"\btruncate\b[^;]*\bcascade\b", re.I)
+
+
 def _written_by(text: str) -> frozenset[str]:
+    if _TRUNCATE_CASCADE.search(text):
+        # empties every table referencing these, whatever their ON DELETE rule
+        return frozenset((ALL_TABLES,))
+    text = _UPSERT.sub(" ", text)
     names: set[str] = set()
     for pattern in (*_WRITE_PATTERNS, _LOAD_DATA):
         names.update(_clean_ident(m.group(1)) for m in pattern.finditer(text))
@@ -235,6 +308,7 @@ def _textual(sql: str) -> tuple[frozenset[str], bool]:
 
 _compiled_reads: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
 _compiled_writes: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
+_compiled_cte_writes: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
 
 
 def _is_textual(compiled: Any) -> bool:
@@ -253,12 +327,42 @@ def _reads_of(compiled: Any) -> frozenset[str]:
     tables = sql_util.find_tables(
         stmt, check_columns=True, include_aliases=True, include_joins=True, include_crud=True
     )
-    names = frozenset(table_name(t) for t in tables if isinstance(t, TableClause))
-    if not names:
-        names = frozenset((ANY_TABLE,))
+    found = {table_name(t) for t in tables if isinstance(t, TableClause)}
+    for t in tables:
+        cascades.note(getattr(t, "metadata", None))
+    if not found or _has_text(stmt):
+        # a text() fragment reads tables it does not name: it reads every table
+        found.add(ANY_TABLE)
+    names = frozenset(found)
     # hold a strong reference so the id cannot be reused while the memo lives
     _compiled_reads.put(id(compiled), (compiled, names))
     return names
+
+
+def _has_text(stmt: Any) -> bool:
+    return any(
+        getattr(element, "__visit_name__", "") in ("textclause", "textual_select")
+        for element in visitors.iterate(stmt)
+    )
+
+
+def _cte_writes_of(compiled: Any) -> frozenset[str]:
+    """Tables written by the data-modifying CTEs of a SELECT (PostgreSQL's
+    ``WITH x AS (UPDATE ... RETURNING ...) SELECT ...``)."""
+    memo = _compiled_cte_writes.get(id(compiled))
+    if memo is not None and memo[0] is compiled:
+        return memo[1]
+    names: set[str] = set()
+    for cte in list(compiled.ctes or ()):
+        element = getattr(cte, "element", None)
+        target = getattr(element, "table", None) if isinstance(element, UpdateBase) else None
+        if target is not None:
+            for t in sql_util.find_tables(target, include_aliases=True, include_joins=True):
+                if isinstance(t, TableClause):
+                    names.add(_noted_name(t))
+    found = frozenset(names)
+    _compiled_cte_writes.put(id(compiled), (compiled, found))
+    return found
 
 
 def _writes_of(compiled: Any) -> frozenset[str]:
@@ -271,11 +375,11 @@ def _writes_of(compiled: Any) -> frozenset[str]:
     if target is not None:
         for t in sql_util.find_tables(target, include_aliases=True, include_joins=True):
             if isinstance(t, TableClause):
-                names |= written_names(t)
+                names.add(_noted_name(t))
     for extra in getattr(stmt, "_extra_froms", ()) or ():
         for t in sql_util.find_tables(extra, include_aliases=True, include_joins=True):
             if isinstance(t, TableClause):
-                names |= written_names(t)
+                names.add(_noted_name(t))
     found = frozenset(names) if names else frozenset((ALL_TABLES,))
     _compiled_writes.put(id(compiled), (compiled, found))
     return found
@@ -285,7 +389,7 @@ def _ddl_writes(compiled: Any) -> frozenset[str]:
     element = getattr(compiled.statement, "element", None)
     table = getattr(element, "table", element)
     if isinstance(table, TableClause):
-        return written_names(table)
+        return frozenset((_noted_name(table),))
     return frozenset((ALL_TABLES,))
 
 
@@ -334,27 +438,42 @@ CommitCallback = Callable[[frozenset[str]], None]
 
 
 class _EngineWatch:
-    """The listeners of one engine, shared by every layer that knows it."""
+    """The listeners of one dialect, shared by every layer that knows it.
 
-    def __init__(self, engine: Engine) -> None:
-        # callbacks of the layers watching this engine; guarded by _lock for
-        # registration, iterated over a snapshot
+    One per dialect, not per ``Engine``: an engine's ``execution_options()``
+    copies share its dialect, and a write through any of them must reach every
+    layer watching any of them. The watch lives as long as its dialect (which
+    holds it); it holds the layers' callbacks weakly.
+    """
+
+    def __init__(self) -> None:
+        # the layers' callbacks, weakly; guarded by _lock for registration,
+        # iterated over a snapshot
         self._lock = threading.Lock()
-        self._callbacks: dict[int, CommitCallback] = {}
-        self._engine_ref = weakref.ref(engine)
+        self._callbacks: dict[int, weakref.WeakMethod[CommitCallback]] = {}
 
     def add(self, key: int, callback: CommitCallback) -> None:
+        callbacks = self._callbacks
+
+        def forget(ref: Any) -> None:
+            # runs inside garbage collection, maybe while this thread holds
+            # _lock: single dict operations only, no lock
+            if callbacks.get(key) is ref:
+                callbacks.pop(key, None)
+
         with self._lock:
-            self._callbacks[key] = callback
+            callbacks[key] = weakref.WeakMethod(callback, forget)
 
     def discard(self, key: int) -> None:
         with self._lock:
             self._callbacks.pop(key, None)
 
     def committed(self, tables: Iterable[str]) -> None:
-        found = frozenset(tables)
-        for callback in list(self._callbacks.values()):
-            callback(found)
+        found = cascades.expand(frozenset(tables))
+        for ref in list(self._callbacks.values()):
+            callback = ref()
+            if callback is not None:
+                callback(found)
 
     # statement observation ------------------------------------------------
     def before_statement(self, statement: str, context: Any) -> bool:
@@ -372,7 +491,9 @@ class _EngineWatch:
         else:
             if collector is not None:
                 collector.tables.update(_reads_of(compiled))
-            return False
+            if not compiled.ctes:
+                return False
+            written = _cte_writes_of(compiled)
         if not written:
             return False
         if collector is not None:
@@ -401,8 +522,8 @@ class _EngineWatch:
             self.committed(pending)
 
 
-_watches: weakref.WeakKeyDictionary[Engine, _EngineWatch] = weakref.WeakKeyDictionary()
-_watches_lock = threading.Lock()  # guards _watches and the one-time engine setup
+_watches_lock = threading.Lock()  # guards the one-time wrapping of each dialect
+_WATCH_ATTR = "_sqla_cachelayer_watch"
 
 
 def _info_of(dbapi_connection: Any) -> dict[Any, Any] | None:
@@ -419,72 +540,65 @@ def _info_of(dbapi_connection: Any) -> dict[Any, Any] | None:
     return info if isinstance(info, dict) else None
 
 
-def _wrap_dialect(engine: Engine, watch: _EngineWatch) -> None:
-    """Wrap the engine's dialect methods that run statements and end transactions.
+def _wrap_dialect(dialect: Any) -> _EngineWatch:
+    """Wrap a dialect's methods that run statements and end transactions, once;
+    return its watch.
 
     Wrapping the dialect, rather than listening to engine events, keeps the
     engine on SQLAlchemy's event-free fast path and is the only way to run code
     after the driver's COMMIT: ``ConnectionEvents.commit`` fires before it.
-    Each dialect instance belongs to one engine (and its ``execution_options``
-    copies), and is wrapped once.
     """
-    dialect = engine.dialect
-    if getattr(dialect, "_sqla_cachelayer_wrapped", False):
-        return
-    watch_ref = weakref.ref(watch)
+    watch: _EngineWatch | None = getattr(dialect, _WATCH_ATTR, None)
+    if watch is not None:
+        return watch
+    watch = _EngineWatch()
     do_execute = dialect.do_execute
     do_executemany = dialect.do_executemany
     do_execute_no_params = dialect.do_execute_no_params
     do_commit = dialect.do_commit
     do_commit_twophase = dialect.do_commit_twophase
     do_rollback = dialect.do_rollback
+    before_statement = watch.before_statement
+    after_statement = watch.after_statement
 
     def wrapped_execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        current = watch_ref() if context is not None else None
-        if current is None:
+        if context is not None and before_statement(statement, context):
             do_execute(cursor, statement, parameters, context)
-            return
-        if current.before_statement(statement, context):
-            do_execute(cursor, statement, parameters, context)
-            current.after_statement(context)  # only a write can need it
+            after_statement(context)  # only a write can need it
         else:
             do_execute(cursor, statement, parameters, context)
 
     def wrapped_executemany(
         cursor: Any, statement: str, parameters: Any, context: Any = None
     ) -> None:
-        current = watch_ref() if context is not None else None
-        if current is None:
+        if context is not None and before_statement(statement, context):
             do_executemany(cursor, statement, parameters, context)
-            return
-        if current.before_statement(statement, context):
-            do_executemany(cursor, statement, parameters, context)
-            current.after_statement(context)  # only a write can need it
+            after_statement(context)  # only a write can need it
         else:
             do_executemany(cursor, statement, parameters, context)
 
     def wrapped_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
-        current = watch_ref() if context is not None else None
-        if current is None:
+        if context is not None and before_statement(statement, context):
             do_execute_no_params(cursor, statement, context)
-            return
-        if current.before_statement(statement, context):
-            do_execute_no_params(cursor, statement, context)
-            current.after_statement(context)  # only a write can need it
+            after_statement(context)  # only a write can need it
         else:
             do_execute_no_params(cursor, statement, context)
 
     def wrapped_commit(dbapi_connection: Any) -> None:
         do_commit(dbapi_connection)
-        current = watch_ref()
-        if current is not None:
-            current.after_commit(_info_of(dbapi_connection))
+        watch.after_commit(_info_of(dbapi_connection))
 
     def wrapped_commit_twophase(connection: Any, xid: Any, *args: Any, **kw: Any) -> None:
-        do_commit_twophase(connection, xid, *args, **kw)
-        current = watch_ref()
-        if current is not None:
-            current.after_commit(connection.info)
+        # taken first: PostgreSQL's COMMIT PREPARED path calls do_rollback
+        # (which forgets the write set) before it returns
+        info = _info_of(connection)
+        pending = info.pop(_WRITTEN, None) if info is not None else None
+        try:
+            do_commit_twophase(connection, xid, *args, **kw)
+        finally:
+            # a failure may still have committed: invalidating is always safe
+            if pending:
+                watch.committed(pending)
 
     def wrapped_rollback(dbapi_connection: Any) -> None:
         info = _info_of(dbapi_connection)
@@ -492,30 +606,28 @@ def _wrap_dialect(engine: Engine, watch: _EngineWatch) -> None:
             info.pop(_WRITTEN, None)  # nothing written reached the database
         do_rollback(dbapi_connection)
 
-    dialect.do_execute = wrapped_execute  # type: ignore[method-assign]
-    dialect.do_executemany = wrapped_executemany  # type: ignore[method-assign]
-    dialect.do_execute_no_params = wrapped_execute_no_params  # type: ignore[method-assign]
-    dialect.do_commit = wrapped_commit  # type: ignore[method-assign]
-    dialect.do_commit_twophase = wrapped_commit_twophase  # type: ignore[method-assign]
-    dialect.do_rollback = wrapped_rollback  # type: ignore[method-assign]
-    dialect._sqla_cachelayer_wrapped = True  # type: ignore[attr-defined]
+    dialect.do_execute = wrapped_execute
+    dialect.do_executemany = wrapped_executemany
+    dialect.do_execute_no_params = wrapped_execute_no_params
+    dialect.do_commit = wrapped_commit
+    dialect.do_commit_twophase = wrapped_commit_twophase
+    dialect.do_rollback = wrapped_rollback
+    setattr(dialect, _WATCH_ATTR, watch)
+    return watch
 
 
 def watch_engine(engine: Engine, key: int, callback: CommitCallback) -> None:
-    """Make ``callback(tables)`` run after every COMMIT on ``engine`` that wrote."""
-    engine = engine.engine
+    """Make ``callback(tables)`` run after every COMMIT that wrote, through any
+    engine sharing ``engine``'s dialect (its ``execution_options()`` copies)."""
     with _watches_lock:
-        watch = _watches.get(engine)
-        if watch is None:
-            watch = _EngineWatch(engine)
-            _watches[engine] = watch
-            _wrap_dialect(engine, watch)
+        watch = _wrap_dialect(engine.dialect)
+    cascades.note_mapped()
     watch.add(key, callback)
 
 
 def unwatch_engine(engine: Engine, key: int) -> None:
     """Stop calling the callback registered under ``key``."""
-    watch = _watches.get(engine.engine)
+    watch: _EngineWatch | None = getattr(engine.dialect, _WATCH_ATTR, None)
     if watch is not None:
         watch.discard(key)
 
