@@ -308,12 +308,15 @@ class RedisStampStore(StampStore):
     """dogpile's Redis backends: counters are plain Redis integers.
 
     A lookup is one ``MGET`` of the entry, ``seq`` and the stamps; a bump is one
-    Lua script, atomic on the server.
+    Lua script, atomic on the server. The region's ``key_mangler``, if any, is
+    applied to entry and lock keys (they carry short bound values in clear) and
+    to counter keys, keeping their hash tag.
     """
 
     def __init__(self, region: CacheRegion, namespace: str) -> None:
         # a hash tag puts seq and every stamp of the region in one cluster slot,
         # so the Lua bump (several keys) also runs on Redis Cluster
+        self._key_mangler = region.key_mangler
         super().__init__(region, "{" + namespace + "}")
         actual = region.actual_backend
         self._writer = getattr(actual, "writer_client", None) or actual.client
@@ -335,9 +338,29 @@ class RedisStampStore(StampStore):
         # entries live in other slots: a cluster client splits the read by node
         self._mget = getattr(self._reader, "mget_nonatomic", None) or self._reader.mget
 
+    def mangle(self, key: str) -> str:
+        mangler = self._key_mangler
+        if mangler is None:
+            return key
+        # keep the hash tag in front: the counters must stay in one cluster slot
+        tag = key[: key.index("}") + 1] if key.startswith("{") and "}" in key else ""
+        return tag + mangler(key)
+
+    def write_entry(self, key: str, payload: Any) -> None:
+        if self._key_mangler is not None:
+            key = self._key_mangler(key)
+        super().write_entry(key, payload)
+
+    def mutex(self, key: str) -> Any:
+        if self._key_mangler is not None:
+            key = self._key_mangler(key)
+        return super().mutex(key)
+
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         keys = [self.seq_key, *self.stamp_keys(tables)]
         if entry_key is not None:
+            if self._key_mangler is not None:
+                entry_key = self._key_mangler(entry_key)
             keys.append(entry_key)
         values = list(self._mget(keys))
         payload = None

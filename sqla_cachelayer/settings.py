@@ -209,10 +209,13 @@ def build_region(spec: RegionSettings, prefix: str = "cachelayer.") -> CacheRegi
             config[f"r.arguments.{name}"] = value
         return make_region(name=spec.name).configure_from_config(config, "r.")
     except ConfigurationError as err:
-        # this project's backends name the bare argument: give the settings key
-        if err.key and not str(err.key).startswith(prefix) and err.key in spec.arguments:
+        # this project's backends name the bare argument: give the settings key,
+        # also for a required argument that is missing
+        if err.key and not str(err.key).startswith(prefix):
             key = f"{prefix}regions.{spec.name}.arguments.{err.key}"
-            raise bad_setting(key, spec.arguments[err.key], str(err)) from err
+            if err.key in spec.arguments:
+                raise bad_setting(key, spec.arguments[err.key], str(err)) from err
+            raise ConfigurationError(f"{key}: {err}", key=key, value=None) from err
         raise
     except Exception as err:
         key = f"{prefix}regions.{spec.name}.arguments"

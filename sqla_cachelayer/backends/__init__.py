@@ -51,8 +51,9 @@ class CounterBackend(Protocol):
     """Atomic integer counters kept beside a backend's entries, never evicted.
 
     The cache layer's invalidation protocol keeps a sequence number and one
-    stamp per table in them.  Counter keys are used as given (no region key
-    mangler); they share no namespace with entry keys.  Values returned by
+    stamp per table in them.  The backend uses counter keys as given; the
+    layer passes them through the region's ``key_mangler`` first, if it has
+    one, as dogpile does with entry keys.  Values returned by
     :meth:`get_with_counters` are in the backend's own stored form:
     ``CachedValue`` for :class:`BoundedMemoryBackend`, serialized ``bytes``
     for :class:`SQLiteFileBackend` (turn them into a ``CachedValue`` with

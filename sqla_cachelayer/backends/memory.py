@@ -20,9 +20,11 @@ or from settings::
     cachelayer.regions.local.arguments.max_entries = 10000
     cachelayer.regions.local.arguments.max_bytes = 64MiB
 
-Like ``dogpile.cache.memory`` it stores values by reference (no pickling):
-what the cache layer stores are :class:`~dogpile.cache.api.CachedValue`
-objects whose payload is already ``bytes``, so sharing them is safe.
+Like ``dogpile.cache.memory`` it stores values by reference (no pickling).
+The cache layer stores :class:`~dogpile.cache.api.CachedValue` objects whose
+payload is either pickled ``bytes`` or, without ``max_bytes``, the result
+record object itself when every value in it is immutable; every reader then
+shares that one object, which the layer never mutates.
 
 Beside the cache entries the backend keeps *counters*, plain integers that
 the cache layer's invalidation protocol reads and bumps (see
@@ -58,9 +60,9 @@ _ARGUMENTS = ("max_entries", "max_bytes")
 def _value_size(value: Any) -> int:
     """Approximate size of one stored value, for ``max_bytes``.
 
-    The layer's values are ``CachedValue(payload=bytes, metadata)``; the
-    payload dominates, so only it is counted.  Anything else is charged
-    ``sys.getsizeof`` (shallow, hence approximate).
+    With ``max_bytes`` the layer's values are ``CachedValue(payload=bytes,
+    metadata)``; the payload dominates, so only it is counted.  Anything else
+    is charged ``sys.getsizeof`` (shallow, hence approximate).
     """
     if isinstance(value, CachedValue):
         payload = value.payload
