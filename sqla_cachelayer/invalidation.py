@@ -85,8 +85,12 @@ log = logging.getLogger("sqla_cachelayer")
 _STRIPES = 1024
 
 
-def _floor() -> int:
+def wall_clock_seq() -> int:
+    """The wall clock in microseconds: every bump sets ``seq`` at least this high."""
     return time.time_ns() // 1000
+
+
+_floor = wall_clock_seq
 
 
 class Lookup(NamedTuple):

@@ -44,7 +44,14 @@ from sqlalchemy.util.concurrency import in_greenlet
 from . import keys as _keys
 from ._aio import sqlalchemy_asyncio
 from .exc import ConfigurationError
-from .invalidation import ALL_TABLES, ANY_TABLE, Lookup, StampStore, store_for_region
+from .invalidation import (
+    ALL_TABLES,
+    ANY_TABLE,
+    Lookup,
+    StampStore,
+    store_for_region,
+    wall_clock_seq,
+)
 from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache, seconds
 from .records import (
     REQUIRES_UNIQUE,
@@ -244,6 +251,8 @@ class CacheLayer:
         self._installed: dict[int, Any] = {}
         self._engines: dict[int, Engine] = {}
         self._begin_key = f"_sqla_cachelayer_begin_{id(self)}"
+        # region names asked for and not configured, warned about once (bounded)
+        self._unknown_regions: set[Any] = set()
 
     # ------------------------------------------------------------------
     # construction from settings
@@ -293,6 +302,7 @@ class CacheLayer:
             self._watch(target)
             return target
         events_target = self._events_target(target)
+        self._check_session_options(target)
         with self._install_lock:
             if id(events_target) in self._installed:
                 return target
@@ -345,6 +355,26 @@ class CacheLayer:
             "install() takes a sessionmaker, Session subclass, scoped_session, Session, "
             f"async_sessionmaker, AsyncSession or Engine; got {target!r}"
         )
+
+    def _check_session_options(self, target: Any) -> None:
+        """A session-wide ``cache_region`` must name a region of this layer: a
+        typo would otherwise switch caching off without a word."""
+        if isinstance(target, scoped_session):
+            target = target.session_factory
+        options = getattr(target, "kw", {}).get("execution_options")  # the factories
+        if options is None:
+            session = getattr(target, "sync_session", target)  # AsyncSession
+            options = getattr(session, "execution_options", None)
+        if not isinstance(options, Mapping):
+            return
+        name = options.get("cache_region")
+        if name is not None and name not in self._states:
+            raise ConfigurationError(
+                f"cache_region: the session option names region {name!r}, which this "
+                f"layer does not have (configured: {', '.join(sorted(self._states))})",
+                key="cache_region",
+                value=name,
+            )
 
     @staticmethod
     def _binds_of(target: Any) -> list[Engine]:
@@ -584,8 +614,17 @@ class CacheLayer:
         name, expiration, cache_key, ignore = spec
         rs = self._states.get(name) if isinstance(name, str) else None
         if rs is None:
-            # a hint naming a region this layer does not have: not our query
-            # (several layers may share a session); never an error at query time
+            # a hint naming a region this layer does not have: run uncached,
+            # never an error at query time; said once per name, counted always
+            self._stats.incr("bypasses")
+            if name not in self._unknown_regions and len(self._unknown_regions) < 100:
+                self._unknown_regions.add(name)
+                log.warning(
+                    "sqla_cachelayer: a query asks for region %r, which this layer does "
+                    "not have (configured: %s); it runs uncached",
+                    name,
+                    ", ".join(sorted(self._states)),
+                )
             return None
         # FromCache checked its own value; an execution option arrives unchecked
         expiration = seconds(expiration, "cache_expiration_time")
@@ -865,6 +904,14 @@ class CacheLayer:
                     self._backend_error(rs, "lookup", err)
                     return None
             snapshot_seq = self._snapshot_seq(session, rs, bind, seq_now)
+            lag = bind._execution_options.get("cache_replica_lag")
+            if lag:
+                # a replica that may lag this much behind its primary: its
+                # snapshot may miss any commit younger than that, so the entry
+                # counts as read that long ago (seq is at least the wall clock
+                # in microseconds at each bump, see invalidation.py)
+                behind = wall_clock_seq() - int((seconds(lag, "cache_replica_lag") or 0) * 1e6)
+                snapshot_seq = min(snapshot_seq, behind)
             marker = _orm_loading._new_runid()
             with collecting() as collector:
                 raw = orm_context.invoke_statement()

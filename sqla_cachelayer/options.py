@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm import RelationshipProperty
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 if TYPE_CHECKING:
@@ -44,16 +45,44 @@ class _DefaultRegionName(str):
 DEFAULT_REGION = _DefaultRegionName("default")
 
 
-def _expiration_and_key(expiration_time: Any, cache_key: Any) -> tuple[float | None, str | None]:
-    """Accept both argument orders: the contract's ``(region, expiration_time,
-    cache_key)`` and the dogpile_caching example's ``(region, cache_key,
-    expiration_time)``, told apart by type, so moving is an import change."""
-    if isinstance(expiration_time, str) and not isinstance(cache_key, str):
-        expiration_time, cache_key = cache_key, expiration_time
-    expiration_time = seconds(expiration_time, "expiration_time")
+def _hint_arguments(
+    kind: str, args: tuple[Any, ...], kw: dict[str, Any]
+) -> tuple[str, float | None, str | None, bool]:
+    """``(region, expiration_time, cache_key, ignore_expiration)`` from a hint's
+    arguments, checked.
+
+    Positionally, both orders are accepted: the contract's ``(region,
+    expiration_time, cache_key)`` and the dogpile_caching example's ``(region,
+    cache_key, expiration_time)``, told apart by type (a string in second place
+    is the example's ``cache_key``), so moving from it is an import change. By
+    keyword, a name means what it says: ``expiration_time="5m"`` is an error.
+    """
+    if len(args) > 4:
+        raise TypeError(f"{kind}() takes at most 4 positional arguments ({len(args)} given)")
+    names = ("region", "expiration_time", "cache_key", "ignore_expiration")
+    given = dict(zip(names, args, strict=False))
+    for name, value in kw.items():
+        if name not in names:
+            raise TypeError(f"{kind}() got an unexpected keyword argument {name!r}")
+        if name in given:
+            raise TypeError(f"{kind}() got multiple values for argument {name!r}")
+        given[name] = value
+    region = given.get("region", DEFAULT_REGION)
+    if not isinstance(region, str):
+        raise TypeError(f"{kind}(): region must be a region name (a string), got {region!r}")
+    expiration_time = given.get("expiration_time")
+    cache_key = given.get("cache_key")
+    if (
+        len(args) >= 2
+        and isinstance(expiration_time, str)
+        and "cache_key" not in kw
+        and not isinstance(cache_key, str)
+    ):
+        expiration_time, cache_key = cache_key, expiration_time  # the example's order
+    expiration = seconds(expiration_time, "expiration_time")
     if cache_key is not None and not isinstance(cache_key, str):
-        raise TypeError(f"cache_key must be a string, got {cache_key!r}")
-    return expiration_time, cache_key
+        raise TypeError(f"{kind}(): cache_key must be a string, got {cache_key!r}")
+    return region, expiration, cache_key, bool(given.get("ignore_expiration", False))
 
 
 def seconds(value: Any, name: str) -> float | None:
@@ -89,24 +118,41 @@ class FromCache(UserDefinedOption):
         invalidation by commits).
     """
 
+    region: str
+    expiration_time: float | None
+    cache_key: str | None
+    ignore_expiration: bool
+
     __slots__ = ("cache_key", "expiration_time", "ignore_expiration", "region")
 
     propagate_to_loaders = False
 
-    def __init__(
-        self,
-        region: str = DEFAULT_REGION,
-        expiration_time: float | None = None,
-        cache_key: str | None = None,
-        ignore_expiration: bool = False,
-    ) -> None:
-        self.payload = None  # UserDefinedOption's, unused
-        self.region = region
-        if expiration_time is None and cache_key is None:
-            self.expiration_time = self.cache_key = None  # the usual case, checked cheaply
-        else:
-            self.expiration_time, self.cache_key = _expiration_and_key(expiration_time, cache_key)
-        self.ignore_expiration = ignore_expiration
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            region: str = DEFAULT_REGION,
+            expiration_time: float | datetime.timedelta | None = None,
+            cache_key: str | None = None,
+            ignore_expiration: bool = False,
+        ) -> None: ...
+
+    else:
+
+        def __init__(self, *args, **kw):
+            # *args: the example's positional order is accepted, never by keyword
+            self.payload = None  # UserDefinedOption's, unused
+            if not args and not kw:  # FromCache(): the usual case, nothing to check
+                self.region = DEFAULT_REGION
+                self.expiration_time = self.cache_key = None
+                self.ignore_expiration = False
+                return
+            (
+                self.region,
+                self.expiration_time,
+                self.cache_key,
+                self.ignore_expiration,
+            ) = _hint_arguments("FromCache", args, kw)
 
     def __repr__(self) -> str:
         return (
@@ -134,6 +180,12 @@ class RelationshipCache(UserDefinedOption):
     :class:`FromCache` instead.
     """
 
+    _relationship_options: dict[tuple[type[Any], str], RelationshipCache]
+    region: str
+    expiration_time: float | None
+    cache_key: str | None
+    ignore_expiration: bool
+
     __slots__ = (
         "_relationship_options",
         "cache_key",
@@ -144,22 +196,34 @@ class RelationshipCache(UserDefinedOption):
 
     propagate_to_loaders = True
 
-    def __init__(
-        self,
-        attribute: Any,
-        region: str = DEFAULT_REGION,
-        expiration_time: float | None = None,
-        cache_key: str | None = None,
-        ignore_expiration: bool = False,
-    ) -> None:
-        super().__init__()
-        self.region = region
-        self.expiration_time, self.cache_key = _expiration_and_key(expiration_time, cache_key)
-        self.ignore_expiration = ignore_expiration
-        prop = attribute.property
-        self._relationship_options: dict[tuple[type[Any], str], RelationshipCache] = {
-            (prop.parent.class_, prop.key): self
-        }
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            attribute: Any,
+            region: str = DEFAULT_REGION,
+            expiration_time: float | datetime.timedelta | None = None,
+            cache_key: str | None = None,
+            ignore_expiration: bool = False,
+        ) -> None: ...
+
+    else:
+
+        def __init__(self, attribute, *args, **kw):
+            super().__init__()
+            (
+                self.region,
+                self.expiration_time,
+                self.cache_key,
+                self.ignore_expiration,
+            ) = _hint_arguments("RelationshipCache", args, kw)
+            prop = getattr(attribute, "property", None)
+            if not isinstance(prop, RelationshipProperty):
+                raise TypeError(
+                    "RelationshipCache() takes a relationship attribute such as "
+                    f"User.addresses, got {attribute!r}"
+                )
+            self._relationship_options = {(prop.parent.class_, prop.key): self}
 
     def and_(self, option: RelationshipCache) -> RelationshipCache:
         """Chain another relationship's option onto this one; returns ``self``."""
@@ -204,3 +268,25 @@ class NoCache(UserDefinedOption):
 
     def __repr__(self) -> str:
         return "NoCache()"
+
+
+def _contract_signatures() -> None:
+    # inspect.signature() shows the documented parameters, not *args/**kw
+    import inspect
+
+    for cls, first in ((FromCache, []), (RelationshipCache, ["attribute"])):
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in first]
+        for name, default in (
+            ("region", "default"),
+            ("expiration_time", None),
+            ("cache_key", None),
+            ("ignore_expiration", False),
+        ):
+            params.append(
+                inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+            )
+        setattr(cls.__init__, "__signature__", inspect.Signature(params))  # noqa: B010
+
+
+_contract_signatures()

@@ -230,3 +230,84 @@ def test_relationship_cache_leaves_eager_loads_alone(env: Any) -> None:
         assert len(s.scalars(stmt).all()) == 5
     stats = env.layer.stats()
     assert stats["misses"] == 0 and stats["not_stored"] == 0
+
+
+# ---------------------------------------------------------------------------
+# arguments that would have been taken wrongly
+
+
+def test_a_keyword_means_what_it_says() -> None:
+    import datetime
+
+    import pytest
+
+    from sqla_cachelayer import FromCache
+
+    with pytest.raises(TypeError, match="expiration_time"):
+        FromCache(expiration_time="5m")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expiration_time"):
+        FromCache("default", expiration_time="5m")  # type: ignore[arg-type]
+    # the dogpile_caching example's positional order still works
+    hint = FromCache("default", "per-tenant", 30)  # type: ignore[arg-type]
+    assert (hint.cache_key, hint.expiration_time) == ("per-tenant", 30.0)
+    hint = FromCache("default", cache_key="k", expiration_time=datetime.timedelta(minutes=5))
+    assert (hint.cache_key, hint.expiration_time) == ("k", 300.0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        FromCache(expiry=5)  # type: ignore[call-arg]
+
+
+def test_a_class_as_region_or_a_column_as_relationship_raises_at_once() -> None:
+    import pytest
+    from _models import User
+
+    from sqla_cachelayer import FromCache, RelationshipCache
+
+    with pytest.raises(TypeError, match="region must be"):
+        FromCache(User)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="relationship attribute"):
+        RelationshipCache(User.name)
+    with pytest.raises(TypeError, match="region must be"):
+        RelationshipCache(User.addresses, User)  # type: ignore[arg-type]
+
+
+def test_unknown_region_runs_uncached_warned_once_and_counted(make_env: Any, caplog: Any) -> None:
+    import logging
+
+    from _models import User
+    from sqlalchemy import select
+
+    from sqla_cachelayer import FromCache
+
+    env = make_env()
+    stmt = select(User).where(User.id == 1).options(FromCache("defualt"))
+    with caplog.at_level(logging.WARNING, logger="sqla_cachelayer"):
+        for _ in range(3):
+            with env.Session() as s:
+                s.scalars(stmt).one()
+    assert env.sql_count() == 3
+    assert env.layer.stats()["bypasses"] == 3
+    warned = [r for r in caplog.records if "defualt" in r.getMessage()]
+    assert len(warned) == 1
+    with env.Session() as s:
+        s.scalars(
+            select(User).where(User.id == 1), execution_options={"cache_region": "nosuch"}
+        ).one()
+    assert env.layer.stats()["bypasses"] == 4
+
+
+def test_session_wide_unknown_region_fails_at_install(make_env: Any) -> None:
+    import pytest
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from sqla_cachelayer import ConfigurationError
+
+    env = make_env()
+    with pytest.raises(ConfigurationError) as err:
+        env.layer.install(sessionmaker(env.engine, execution_options={"cache_region": "nosuch"}))
+    assert err.value.key == "cache_region" and err.value.value == "nosuch"
+    assert "nosuch" in str(err.value)
+    with pytest.raises(ConfigurationError):
+        env.layer.install(Session(env.engine, execution_options={"cache_region": "nosuch"}))
+    # a known region, and None (the opt-out), are fine
+    env.layer.install(sessionmaker(env.engine, execution_options={"cache_region": "default"}))
+    env.layer.install(sessionmaker(env.engine, execution_options={"cache_region": None}))

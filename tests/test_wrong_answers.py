@@ -449,3 +449,62 @@ def test_two_phase_commit_through_asyncpg_invalidates(pg_engine_url: str) -> Non
         return seen
 
     assert asyncio.run(run()) == ["user1", "two-phase"]
+
+
+# ---------------------------------------------------------------------------
+# 8. read replicas
+
+
+def _replicated(tmp_path: Any, lag: float | None) -> tuple[Any, Any, Any, Any]:
+    """A primary and a "replica" (its own SQLite file, updated behind every
+    engine's back as replication does), and a session that reads from the
+    replica and flushes to the primary, as SQLAlchemy's documented routing
+    session does."""
+    import shutil
+
+    from _models import Base, seed
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    import sqla_cachelayer as scl
+
+    primary = create_engine(f"sqlite:///{tmp_path / 'primary.sqlite'}")
+    Base.metadata.create_all(primary)
+    seed(sessionmaker(primary))
+    primary.dispose()
+    shutil.copy(tmp_path / "primary.sqlite", tmp_path / "replica.sqlite")
+    replica = create_engine(f"sqlite:///{tmp_path / 'replica.sqlite'}")
+    if lag is not None:
+        replica = replica.execution_options(cache_replica_lag=lag)
+
+    class RoutingSession(Session):
+        def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            return primary if self._flushing or not getattr(clause, "is_select", False) else replica
+
+    layer = scl.CacheLayer(cache_all=True)
+    Routed = layer.install(sessionmaker(class_=RoutingSession))
+
+    def replicate() -> None:
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "replica.sqlite") as raw:
+            raw.execute("UPDATE users SET name = (SELECT 'renamed') WHERE id = 1")
+
+    return Routed, layer, replicate, (primary, replica)
+
+
+def test_a_declared_replica_lag_keeps_lagging_reads_out_of_the_cache(tmp_path: Any) -> None:
+    Routed, _layer, replicate, engines = _replicated(tmp_path, lag=3600)
+    names = select(User.name).where(User.id == 1)
+    with Routed() as s:
+        assert s.scalars(names).one() == "user1"
+    with Routed() as s:
+        s.get(User, 1).name = "renamed"
+        s.commit()  # on the primary; the replica has not caught up
+    with Routed() as s:
+        assert s.scalars(names).one() == "user1"  # the replica's answer, lagging
+    replicate()
+    with Routed() as s:
+        assert s.scalars(names).one() == "renamed", "the lagging answer was not kept"
+    for engine in engines:
+        engine.dispose()
