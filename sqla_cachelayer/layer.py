@@ -2,7 +2,7 @@
 
 :class:`CacheLayer` owns a set of dogpile regions and the state of the
 invalidation protocol (see :mod:`sqla_cachelayer.invalidation`). Installing it
-on a session factory hooks three session events -- all in
+on a session factory hooks two session events (``do_orm_execute``, ``after_begin``) -- in
 :meth:`CacheLayer._listen`, with their ``event.remove`` twins beside them -- and
 watches the engines those sessions use (:mod:`sqla_cachelayer.tracking`).
 

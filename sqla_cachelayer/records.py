@@ -34,7 +34,7 @@ other value (a JSON document, a list) is decoded afresh on every hit.
 
 Only objects this query itself loaded can be recorded: if the result contains
 an object the session held before (its attributes may come from an older load),
-the miss is served but not stored (``MissOnly``).
+the miss is served but not stored (counted in ``not_stored``).
 """
 
 from __future__ import annotations
