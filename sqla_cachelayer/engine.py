@@ -387,9 +387,11 @@ def _plan(
         raw[name] = value
         origin[name] = name
 
+    given = dict(raw)  # every value as given, for the errors (raw is consumed below)
+
     def fail(name: str, message: str) -> ConfigurationError:
         key = origin.get(name, prefix + name)
-        return ConfigurationError(f"{key}: {message}", key=key, value=raw.get(name))
+        return ConfigurationError(f"{key}: {message}", key=key, value=given.get(name))
 
     if "url" not in raw or raw["url"] in (None, ""):
         key = prefix + "url"

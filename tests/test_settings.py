@@ -175,3 +175,17 @@ def test_project_backend_argument_errors_name_the_settings_key() -> None:
         )
     assert info.value.key == "cachelayer.regions.local.arguments.max_entries"
     assert "'lots'" in str(info.value)
+
+
+def test_a_misspelt_pragma_names_its_key_and_value() -> None:
+    import pytest
+
+    import sqla_cachelayer as scl
+
+    with pytest.raises(scl.ConfigurationError) as err:
+        scl.engine_from_config(
+            {"sqlalchemy.url": "sqlite:///x.db", "sqlalchemy.pragma.jornal_mode": "WAL"}
+        )
+    assert err.value.key == "sqlalchemy.pragma.jornal_mode"
+    assert err.value.value == "WAL"
+    assert "jornal_mode" in str(err.value)
