@@ -9,6 +9,7 @@ timed region as an application would::
     python benchmarks/query_cache.py             # full run (~1 min)
     python benchmarks/query_cache.py --quick     # smoke run (a few seconds)
     python benchmarks/query_cache.py --profile b-hit [--variant layer]
+    python benchmarks/query_cache.py --plots docs/img   # also draw the distributions (SVG)
 
 Queries:
 
@@ -588,6 +589,29 @@ def report(
     return verdicts
 
 
+def draw_latency(cases: list[Case], results: dict[str, Result], directory: str, quick: bool) -> str:
+    """The latency distributions of uncached, layer hit and layer miss, one panel per query."""
+    from sqla_cachelayer.plots import latency_distributions
+
+    panels = {}
+    for case in cases:
+        result = results.get(case.key)
+        if result is None:
+            continue
+        panels[case.title.split(":")[0]] = {
+            "uncached": result.samples.get(("uncached", "uncached"), []),
+            "hit": result.samples.get(("layer", "hit"), []),
+            "miss": result.samples.get(("layer", "miss"), []),
+        }
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return latency_distributions(
+        panels,
+        os.path.join(directory, "query-cache-latency.svg"),
+        f"benchmarks/query_cache.py{' --quick' if quick else ''}: SQLite file, memory region, "
+        f"fresh session per query (load average {load})",
+    )
+
+
 def machine_facts(path: str) -> list[str]:
     return [
         f"python {platform.python_version()} ({platform.python_implementation()}), "
@@ -800,6 +824,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--case", action="append", help="run only this case (a, a-get, a-pre, b, c); repeatable"
     )
+    parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="draw the latency distributions of uncached, hit and miss per query as "
+        "DIR/query-cache-latency.svg (needs matplotlib: the plots extra)",
+    )
     args = parser.parse_args(argv)
 
     n_items = 20_000
@@ -864,6 +894,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants.values():
             if v.layer is not None and v.name != "pass":
                 print(f"stats {v.name}: {v.layer.stats()}")
+        if args.plots:
+            print(f"wrote {draw_latency(cases, results, args.plots, args.quick)}")
         return 1 if (failed and args.strict) else 0
     finally:
         for v in list(locals().get("variants", {}).values()):

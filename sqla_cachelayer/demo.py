@@ -74,6 +74,7 @@ __all__ = [
     "format_report",
     "report_as_dict",
     "run_demo",
+    "write_plots",
 ]
 
 #: the preferred region backend, and the one used if it is not registered
@@ -295,6 +296,8 @@ class DemoReport:
     checks: int
     mismatches: list[Mismatch]
     seconds: float
+    #: per operation, in order: "hit", "miss" or "other" for a read, "write"
+    timeline: list[str] = field(default_factory=list)
 
     @property
     def reads(self) -> int:
@@ -719,6 +722,7 @@ def _run(
     writes = {kind: 0 for kind, _ in WRITE_KINDS}
     mismatches: list[Mismatch] = []
     checks = 0
+    timeline: list[str] = []
     before = layer.stats()
     bar = _progress_bar(config)
     try:
@@ -728,6 +732,7 @@ def _run(
                 with cached_sessions() as session, session.begin():
                     workload.write(kind, session)
                 writes[kind] += 1
+                timeline.append("write")
             else:
                 argument = workload.argument(kind)
                 reader = _READERS[kind]
@@ -745,6 +750,7 @@ def _run(
                     uncached, uncached_ns = _timed_read(plain_sessions, reader, argument, False)
                 report.uncached_ns.append(uncached_ns)
                 report.samples(outcome).append(cached_ns)
+                timeline.append(outcome)
                 checks += 1
                 if cached != uncached:
                     mismatches.append(Mismatch(op, kind, argument, cached, uncached))
@@ -764,6 +770,7 @@ def _run(
         checks=checks,
         mismatches=mismatches,
         seconds=time.perf_counter() - started,
+        timeline=timeline,
     )
 
 
@@ -897,6 +904,42 @@ def report_as_dict(report: DemoReport) -> dict[str, Any]:
         "all_matched": report.all_matched,
         "seconds": report.seconds,
     }
+
+
+def write_plots(report: DemoReport, directory: str) -> list[str]:
+    """Draw the run as SVG files in ``directory``; returns their paths.
+
+    ``demo-latency.svg``: per kind of read, the latency distributions of the
+    uncached query, the cache hit and the cache miss. ``demo-hit-ratio.svg``:
+    the hit ratio over the run, with its writes marked.
+
+    :raises sqla_cachelayer.plots.PlotsUnavailable: matplotlib is not installed.
+    """
+    from .plots import hit_ratio_over_time, latency_distributions
+
+    panels = {
+        f"{kind.kind} ({kind.hit_ratio:.0%} hits, net {_net(kind.net_speedup, flag=False)})": {
+            "uncached": kind.uncached_ns,
+            "hit": kind.hit_ns,
+            "miss": kind.miss_ns,
+        }
+        for kind in report.kinds.values()
+    }
+    latency = latency_distributions(
+        panels,
+        os.path.join(directory, "demo-latency.svg"),
+        f"sqla_cachelayer demo, {report.operations:,} operations (seed {report.seed}): "
+        "latency per read, fresh session each",
+    )
+    writes = [i for i, outcome in enumerate(report.timeline) if outcome == "write"]
+    ratio = hit_ratio_over_time(
+        report.timeline,
+        writes,
+        os.path.join(directory, "demo-hit-ratio.svg"),
+        f"sqla_cachelayer demo: hit ratio over {report.operations:,} operations, "
+        f"{len(writes):,} of them writes",
+    )
+    return [latency, ratio]
 
 
 def _clip(value: Any, width: int = 160) -> str:

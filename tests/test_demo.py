@@ -210,3 +210,43 @@ def test_demo_runs_without_tqdm(tmp_path: Path) -> None:
     status, terminal = _demo_on_a_terminal(tmp_path, hide_tqdm=True)
     assert status == 0
     assert terminal.strip() == "", terminal
+
+
+def test_demo_draws_reproducible_svg_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import xml.etree.ElementTree as ET
+
+    from sqla_cachelayer.demo import write_plots
+
+    report = run_demo(DemoConfig(operations=300, seed=4, progress=False))
+    assert report.timeline.count("write") == sum(report.writes.values())
+    assert len(report.timeline) == 300
+    paths = write_plots(report, str(tmp_path / "a"))
+    assert [Path(p).name for p in paths] == ["demo-latency.svg", "demo-hit-ratio.svg"]
+    for path in paths:
+        root = ET.parse(path).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    latency = Path(paths[0]).read_text()
+    for kind in report.kinds:
+        assert kind in latency  # one panel per kind, text kept as text
+    assert "uncached (median" in latency and "hit (median" in latency
+    assert "writes (" in Path(paths[1]).read_text()
+    # the same run drawn again gives the same bytes: committed files only change with the data
+    again = write_plots(report, str(tmp_path / "b"))
+    for first, second in zip(paths, again, strict=True):
+        assert Path(first).read_bytes() == Path(second).read_bytes()
+
+
+def test_demo_plots_without_matplotlib_is_one_line(tmp_path: Path) -> None:
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['matplotlib'] = None  # as if the plots extra were not installed\n"
+        "sys.argv = ['sqla_cachelayer', 'demo', '-n', '10', '--plots', 'out']\n"
+        "runpy.run_module('sqla_cachelayer', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "matplotlib is not installed" in done.stderr
+    assert not (tmp_path / "out").exists()

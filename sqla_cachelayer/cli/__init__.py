@@ -191,7 +191,16 @@ def cli() -> None:
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
-def demo(operations: int, seed: int, db: str | None, quiet: bool, as_json: bool) -> int:
+@click.option(
+    "--plots",
+    metavar="DIR",
+    default=None,
+    help="Also draw the latency distributions and the hit ratio over the run as SVG files "
+    "in DIR (needs matplotlib: the plots extra).",
+)
+def demo(
+    operations: int, seed: int, db: str | None, quiet: bool, as_json: bool, plots: str | None
+) -> int:
     """Run a mixed read/write workload on a SQLite shop and check every cached answer.
 
     Builds a shop (categories, products, customers, orders, order items) on a
@@ -200,18 +209,28 @@ def demo(operations: int, seed: int, db: str | None, quiet: bool, as_json: bool)
     kind of query the hit ratio, the latencies and whether the cache paid off.
     Exit status 1 if a cached answer differed from the database's.
     """
-    from ..demo import DemoConfig, DemoError, format_report, report_as_dict, run_demo
+    from ..demo import DemoConfig, DemoError, format_report, report_as_dict, run_demo, write_plots
 
+    if plots is not None:
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            _fail(
+                'demo --plots: matplotlib is not installed (pip install "sqla_cachelayer[plots]")'
+            )
     try:
         report = run_demo(
             DemoConfig(operations=operations, seed=seed, db_path=db, progress=not quiet)
         )
     except DemoError as err:
         _fail(f"demo: {err}")
+    written = write_plots(report, plots) if plots is not None else []
     if as_json:
-        _emit_json(report_as_dict(report))
+        _emit_json({**report_as_dict(report), "plots": written})
     else:
         click.echo(format_report(report))
+        for path in written:
+            click.echo(f"wrote {path}")
     return 0 if report.all_matched else 1
 
 
