@@ -749,8 +749,12 @@ def async_engine_from_config(
             key=key,
             value=str(plan.url),
         )
-    if plan.is_sqlite and plan.options.get("poolclass") is sa_pool.QueuePool:
-        plan.options["poolclass"] = sa_pool.AsyncAdaptedQueuePool
+    if plan.is_sqlite and "pool" not in plan.options:
+        poolclass = plan.options.get("poolclass")
+        if poolclass is sa_pool.QueuePool or (poolclass is None and "pool_size" in plan.options):
+            # aiosqlite's own default for a file was NullPool in early
+            # SQLAlchemy 2.0 releases, which takes no pool_size
+            plan.options["poolclass"] = sa_pool.AsyncAdaptedQueuePool
     engine: AsyncEngine = _create(plan, prefix, create_async_engine)
     if plan.is_sqlite:
         _install_sqlite_hooks(engine.sync_engine, plan)

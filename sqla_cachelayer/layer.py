@@ -41,6 +41,7 @@ from sqlalchemy.orm import loading as _orm_loading
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.util.concurrency import in_greenlet
 
+from . import _compat
 from . import keys as _keys
 from ._aio import sqlalchemy_asyncio
 from .exc import ConfigurationError
@@ -743,7 +744,7 @@ class CacheLayer:
                 rs.query_prefix,
                 shape.digest,
                 [bp.value if bp.callable is None else bp.effective_value for bp in ck.bindparams],
-                ck.params,
+                _compat.cache_key_params(ck),
                 orm_context.parameters,
                 db,
                 extra,

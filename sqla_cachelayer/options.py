@@ -97,7 +97,19 @@ def seconds(value: Any, name: str) -> float | None:
     return float(value)
 
 
-class FromCache(UserDefinedOption):
+class _Option(UserDefinedOption):
+    __slots__ = ()
+
+    def _clone(self, **kw: Any) -> Any:
+        # SQLAlchemy 2.0's Select.params() clones a statement's options with
+        # ExecutableOption._clone, which copies __dict__, and these options
+        # have slots. They are never changed once built (RelationshipCache's
+        # and_() only adds to the dict a copy would share), so the option
+        # itself serves as its copy.
+        return self
+
+
+class FromCache(_Option):
     """Serve this query from a cache region.
 
     ::
@@ -162,7 +174,7 @@ class FromCache(UserDefinedOption):
         )
 
 
-class RelationshipCache(UserDefinedOption):
+class RelationshipCache(_Option):
     """Serve the lazy loads of a relationship from a cache region.
 
     The option propagates to the objects a query loads, so that touching the
@@ -250,7 +262,7 @@ class RelationshipCache(UserDefinedOption):
         return f"RelationshipCache({', '.join(names)}, region={self.region!r})"
 
 
-class NoCache(UserDefinedOption):
+class NoCache(_Option):
     """Never serve or store this query through the cache.
 
     Wins over every default: ``cache_all``, a session-wide ``cache_region``

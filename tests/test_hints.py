@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from _models import Address, User
 from dogpile.cache import make_region
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from sqla_cachelayer import FromCache, NoCache, RelationshipCache
+from sqla_cachelayer._compat import SESSION_EXECUTION_OPTIONS
 
 
 def _run_twice(Session: Any, stmt: Any) -> None:
@@ -35,6 +37,9 @@ def test_no_hint_no_cache(env: Any) -> None:
     assert env.layer.stats()["hits"] == 0 and env.layer.stats()["misses"] == 0
 
 
+@pytest.mark.skipif(
+    not SESSION_EXECUTION_OPTIONS, reason="Session(execution_options=...) arrived in SQLAlchemy 2.1"
+)
 def test_session_wide_execution_option(env: Any) -> None:
     Session = env.layer.install(
         sessionmaker(env.engine, execution_options={"cache_region": "default"})

@@ -10,6 +10,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, crea
 from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
 from sqla_cachelayer import CacheLayer, FromCache
+from sqla_cachelayer._compat import SESSION_EXECUTION_OPTIONS
 
 
 def _name(env: Any, stmt: Any, params: Any = None) -> Any:
@@ -105,8 +106,14 @@ def test_schema_translate_map_is_in_the_key(tmp_path: Any) -> None:
     try:
         got = []
         for schema in ("main", "other", "main", "other"):
-            with Session(engine, execution_options={"schema_translate_map": {None: schema}}) as s:
-                got.append(s.execute(select(things.c.label).options(FromCache())).scalar_one())
+            translate = {"schema_translate_map": {None: schema}}
+            stmt = select(things.c.label).options(FromCache())
+            if SESSION_EXECUTION_OPTIONS:
+                session = Session(engine, execution_options=translate)
+            else:  # SQLAlchemy 2.0: no session-wide execution options
+                session, stmt = Session(engine), stmt.execution_options(**translate)
+            with session as s:
+                got.append(s.execute(stmt).scalar_one())
         assert got == ["main", "other", "main", "other"]
         assert layer.stats()["hits"] == 2
     finally:
