@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Column, ForeignKey, String, Table, select
+from sqlalchemy import Column, ForeignKey, String, Table, create_engine, select
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -149,6 +149,8 @@ def docs_namespace() -> dict[str, Any]:
         __name__="docs_example",
         scl=scl,
         select=select,
+        create_engine=create_engine,
+        REPLICA_URL="sqlite:///app.db",  # a replica of app.db: the same file will do
         selectinload=selectinload,
         sessionmaker=sessionmaker,
         settings=settings,
