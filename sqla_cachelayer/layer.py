@@ -31,7 +31,8 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from time import perf_counter
+from typing import Any, Literal, TypeVar, overload
 
 from dogpile.cache.region import CacheRegion
 from sqlalchemy import Table, event, inspect
@@ -44,6 +45,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 from . import _compat
 from . import keys as _keys
 from ._aio import sqlalchemy_asyncio
+from .events import CacheEvent, Listener, dispatch
 from .exc import ConfigurationError
 from .invalidation import (
     ALL_TABLES,
@@ -80,6 +82,8 @@ from .tracking import (
 __all__ = ["CacheLayer"]
 
 log = logging.getLogger("sqla_cachelayer")
+#: why a query was not cached or its result not stored, at DEBUG
+log_bypass = logging.getLogger("sqla_cachelayer.bypass")
 
 T = TypeVar("T")
 
@@ -89,6 +93,17 @@ _DEFAULT_LOAD_OPTIONS = QueryContext.default_load_options
 #: set in ``session.info`` by :func:`~sqla_cachelayer.run_in_transaction`
 #: (unless called with ``use_cache=True``): every read of that session bypasses
 UNIT_OF_WORK_INFO_KEY = "sqla_cachelayer.unit_of_work"
+
+
+def _option_bypass_reason(load_options: Any, exec_opts: Mapping[str, Any], statement: Any) -> str:
+    """Which execution option sent a query past the cache (off the hit path)."""
+    if load_options._refresh_state is not None:
+        return "refresh"
+    if exec_opts.get("populate_existing"):
+        return "populate_existing"
+    if exec_opts.get("yield_per") or exec_opts.get("stream_results"):
+        return "streaming"
+    return "for_update"
 
 
 def _async_classes() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...]]:
@@ -240,7 +255,12 @@ class CacheLayer:
         }
         self._state_list = list(self._states.values())
         self.regions: Mapping[str, CacheRegion] = {n: s.region for n, s in self._states.items()}
-        self._stats = Stats()
+        self._stats = Stats(list(self._states))
+        # counts that belong to no configured region go to the default one
+        self._default_index = self._states[default_region].index
+        # replaced whole (never mutated) under _install_lock: the hot path
+        # reads it once, and an empty tuple costs one truthiness test
+        self._listeners: tuple[Listener, ...] = ()
         # SQLAlchemy cache-key tuple -> what we know of that statement structure
         self._shapes: _keys.BoundedMemo[tuple[Any, ...], _Shape] = _keys.BoundedMemo(
             shape_memo_size
@@ -409,10 +429,101 @@ class CacheLayer:
     # ------------------------------------------------------------------
     # public operations
 
-    def stats(self) -> dict[str, int]:
+    @overload
+    def stats(self, by: None = None) -> dict[str, float]: ...
+    @overload
+    def stats(self, by: Literal["region"]) -> dict[str, dict[str, float]]: ...
+    @overload
+    def stats(self, by: Literal["query"]) -> list[dict[str, Any]]: ...
+
+    def stats(self, by: str | None = None) -> Any:
         """Counters since creation: ``hits``, ``misses``, ``stores``, ``bypasses``,
-        ``invalidations``, ``errors`` and a few more (see ``docs/metrics.md``)."""
-        return self._stats.snapshot()
+        ``invalidations``, ``errors`` and a few more (see ``docs/metrics.md``).
+
+        ``by="region"``: region name -> the same counters (they sum to
+        ``stats()``). ``by="query"``: one dict per statement structure
+        (``fingerprint``, ``sql`` preview, ``hits``, ``misses``, ``stale``,
+        ``hit_ratio``, ``mean_hit_seconds``, ``mean_miss_seconds``), the
+        busiest first, at most 1,000.
+        """
+        if by is None:
+            return self._stats.snapshot()
+        if by == "region":
+            return self._stats.by_region()
+        if by == "query":
+            return self._stats.by_query()
+        raise ValueError(f"stats(by={by!r}): expected None, 'region' or 'query'")
+
+    def add_listener(self, fn: Listener) -> None:
+        """Call ``fn(event)`` for each cache event (:class:`~sqla_cachelayer.events.CacheEvent`).
+
+        A listener that raises is logged and counted (``listener_errors``),
+        never propagated. Adding the same function twice calls it twice.
+        """
+        if not callable(fn):
+            raise TypeError(f"add_listener() takes a callable, got {fn!r}")
+        with self._install_lock:
+            self._listeners = (*self._listeners, fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        """Stop calling ``fn`` (its last registration); ``ValueError`` if it is not one."""
+        with self._install_lock:
+            listeners = list(self._listeners)
+            for i in range(len(listeners) - 1, -1, -1):
+                if listeners[i] == fn:
+                    del listeners[i]
+                    break
+            else:
+                raise ValueError(f"remove_listener(): {fn!r} is not a listener of this layer")
+            self._listeners = tuple(listeners)
+
+    def _emit(self, kind: str, rs: _RegionState | None, *args: Any, **details: Any) -> None:
+        """Hand one event to the listeners; callers test ``self._listeners`` first."""
+        event = CacheEvent(kind, rs.name if rs is not None else None, *args, **details)
+        failed = dispatch(self._listeners, event)
+        if failed:
+            index = rs.index if rs is not None else self._default_index
+            self._stats.incr("listener_errors", failed, index)
+
+    def _fingerprint(self, statement: Any) -> str | None:
+        """The structure digest of a statement (off the hit path: bypasses only)."""
+        try:
+            ck = statement._generate_cache_key()
+            if ck is None:
+                return None
+            shape = self._shapes.get(ck.key)
+            return shape.digest if shape is not None else _keys.structure_digest(ck.key)
+        except Exception:
+            return None
+
+    def _bypass(
+        self, rs: _RegionState | None, reason: str, orm_context: ORMExecuteState | None = None
+    ) -> None:
+        """Count a query sent to the database without looking for an entry, and say why."""
+        self._stats.incr("bypasses", 1, rs.index if rs is not None else self._default_index)
+        debug = log_bypass.isEnabledFor(logging.DEBUG)
+        if not (debug or self._listeners):
+            return
+        fingerprint = self._fingerprint(orm_context.statement) if orm_context else None
+        if debug:
+            log_bypass.debug(
+                "sqla_cachelayer: not cached (%s): region %r, statement %s",
+                reason,
+                rs.name if rs is not None else None,
+                fingerprint,
+            )
+        if self._listeners:
+            self._emit("bypass", rs, fingerprint, reason=reason)
+
+    def _not_stored(self, rs: _RegionState, reason: str, shape: _Shape) -> None:
+        """Count a miss whose result was served but not stored, and say why."""
+        self._stats.incr("not_stored", 1, rs.index)
+        log_bypass.debug(
+            "sqla_cachelayer: result not stored (%s): region %r, statement %s",
+            reason,
+            rs.name,
+            shape.digest,
+        )
 
     def invalidate(self, *targets: Any) -> None:
         """Make every cached result that read these tables unreachable.
@@ -427,11 +538,11 @@ class CacheLayer:
         for target in targets:
             names.update(self._table_names(target))
         if names:
-            self._bump(frozenset(names))
+            self._bump(frozenset(names), cause="manual")
 
     def invalidate_all(self) -> None:
         """Make every cached result of this layer unreachable, in every process."""
-        self._bump(frozenset((ALL_TABLES,)))
+        self._bump(frozenset((ALL_TABLES,)), cause="manual")
 
     @staticmethod
     def _table_names(target: Any) -> list[str]:
@@ -460,7 +571,7 @@ class CacheLayer:
     #: a failed attempt slower than this was a timeout, and is not retried at once
     BUMP_RETRY_SLOW = 0.2
 
-    def _bump(self, tables: frozenset[str]) -> None:
+    def _bump(self, tables: frozenset[str], cause: str = "commit", values: Any = None) -> None:
         """Write an invalidation to every region; never skipped, never raises.
 
         Unlike reads, an invalidation is attempted even while a region's breaker
@@ -471,8 +582,8 @@ class CacheLayer:
         next invalidation or before this process reads the region again.
         """
         names = set(tables | {ANY_TABLE})
-        self._stats.incr("invalidations")
         for rs in self._state_list:
+            self._stats.incr("invalidations", 1, rs.index)
             with rs.lock:
                 todo = sorted(rs.pending | names)
                 broken = time.monotonic() < rs.down_until
@@ -494,6 +605,17 @@ class CacheLayer:
                 if seq > rs.last_seen:
                     rs.last_seen = seq
                 error = None
+                if self._listeners:
+                    elapsed = time.monotonic() - started
+                    self._emit(
+                        "invalidate",
+                        rs,
+                        None,
+                        elapsed,
+                        tables=sorted(tables),
+                        values=values,
+                        cause=cause,
+                    )
                 break
             if error is not None:
                 self._backend_error(rs, "invalidate", error)
@@ -511,7 +633,9 @@ class CacheLayer:
             if probing:
                 # the breaker's wait is over: the next backend call is the probe;
                 # a failure reopens it (and counts breaker_opened again)
-                self._stats.incr("breaker_closed")
+                self._stats.incr("breaker_closed", 1, rs.index)
+                if self._listeners:
+                    self._emit("breaker", rs, state="closed")
                 log.info("sqla_cachelayer: region %r: trying the backend again", rs.name)
         if not rs.pending:
             return True
@@ -527,19 +651,25 @@ class CacheLayer:
             done = not rs.pending
         if seq > rs.last_seen:
             rs.last_seen = seq
-        self._stats.incr("replays")
+        self._stats.incr("replays", 1, rs.index)
+        if self._listeners:
+            self._emit("invalidate", rs, tables=sorted(set(names) - {ANY_TABLE}), cause="replay")
         log.warning(
             "sqla_cachelayer: region %r is back; replayed %d invalidations", rs.name, len(names)
         )
         return done
 
     def _backend_error(self, rs: _RegionState, what: str, err: BaseException) -> None:
-        self._stats.incr("errors")
+        self._stats.incr("errors", 1, rs.index)
+        if self._listeners:
+            self._emit("error", rs, operation=what, error=err)
         with rs.lock:
             was_down = time.monotonic() < rs.down_until
             rs.down_until = time.monotonic() + self.breaker_reset_seconds
         if not was_down:
-            self._stats.incr("breaker_opened")
+            self._stats.incr("breaker_opened", 1, rs.index)
+            if self._listeners:
+                self._emit("breaker", rs, state="opened")
             log.warning(
                 "sqla_cachelayer: region %r failed during %s (%s: %s); bypassing it for %.1fs",
                 rs.name,
@@ -577,7 +707,7 @@ class CacheLayer:
         )
         for opt in options:
             if isinstance(opt, NoCache):
-                self._stats.incr("bypasses")  # an explicit opt-out of a cacheable query
+                self._bypass(None, "opt_out", orm_context)  # an explicit NoCache()
                 return None
             if isinstance(opt, FromCache):
                 found = opt
@@ -598,7 +728,7 @@ class CacheLayer:
         else:
             name = exec_opts.get("cache_region", _NO_HINT)
             if name is None:
-                self._stats.incr("bypasses")
+                self._bypass(None, "opt_out", orm_context)  # cache_region=None
                 return None
             if name is _NO_HINT:
                 if not self.cache_all:
@@ -617,7 +747,7 @@ class CacheLayer:
         if rs is None:
             # a hint naming a region this layer does not have: run uncached,
             # never an error at query time; said once per name, counted always
-            self._stats.incr("bypasses")
+            self._bypass(None, "unknown_region")
             if name not in self._unknown_regions and len(self._unknown_regions) < 100:
                 self._unknown_regions.add(name)
                 log.warning(
@@ -681,12 +811,14 @@ class CacheLayer:
         hint = self._hint(orm_context)
         if hint is None:
             return None
+        started = perf_counter()
         session = orm_context.session
         stats = self._stats
+        rs = hint.region
         if session.info.get(UNIT_OF_WORK_INFO_KEY):
             # G7: a read-modify-write unit of work reads the database, or a
             # concurrent commit's stamp bump could arrive after its read
-            stats.incr("bypasses")
+            self._bypass(rs, "unit_of_work", orm_context)
             return None
         exec_opts = orm_context.execution_options
         statement = orm_context.statement
@@ -698,11 +830,10 @@ class CacheLayer:
             or exec_opts.get("stream_results")
             or getattr(statement, "_for_update_arg", None) is not None
         ):
-            stats.incr("bypasses")
+            self._bypass(rs, _option_bypass_reason(load_options, exec_opts, statement), orm_context)
             return None
-        rs = hint.region
         if (rs.down_until or rs.pending) and not self._usable(rs):
-            stats.incr("bypasses")
+            self._bypass(rs, "region_down", orm_context)
             return None
 
         # a hit must leave the session as a miss would: autoflush first
@@ -728,7 +859,7 @@ class CacheLayer:
             db = _keys.database_identity(bind, schema_map)
             ck = statement._generate_cache_key()  # type: ignore[attr-defined]
             if ck is None:
-                stats.incr("bypasses")
+                self._bypass(rs, "no_cache_key", orm_context)
                 return None
             structure = ck.key
             shape = self._shapes.get(structure)
@@ -750,7 +881,7 @@ class CacheLayer:
                 extra,
             )
         except _keys.Uncacheable:
-            stats.incr("bypasses")
+            self._bypass(rs, "unkeyable_value", orm_context)
             return None
 
         tables = shape.tables
@@ -762,7 +893,7 @@ class CacheLayer:
                 tables is None or ANY_TABLE in tables or not written.isdisjoint(tables)
             ):
                 # G2: this transaction wrote what the query reads
-                stats.incr("bypasses")
+                self._bypass(rs, "own_writes", orm_context)
                 return None
         else:
             written = None
@@ -773,12 +904,15 @@ class CacheLayer:
             result = self._try_hit(orm_context, hint, shape, found, tables)
         except Exception as err:
             self._backend_error(rs, "lookup", err)
-            stats.incr("bypasses")
+            self._bypass(rs, "backend_error", orm_context)
             return None
         if result is not None:
-            stats.incr("hits")
+            elapsed = perf_counter() - started
+            stats.hit(rs.index, shape.digest, statement, elapsed)
+            if self._listeners:
+                self._emit("hit", rs, shape.digest, elapsed)
             return result
-        return self._miss(orm_context, hint, key, shape, bind, found, written, fills)
+        return self._miss(orm_context, hint, key, shape, bind, found, written, fills, started)
 
     def _try_hit(
         self,
@@ -805,11 +939,13 @@ class CacheLayer:
                     payload = self._signer.verify(payload)
                 record = load_record(payload)
             except BadSignature as err:
-                self._stats.incr("errors")
+                self._stats.incr("errors", 1, rs.index)
                 log.error("sqla_cachelayer: region %r: %s; entry ignored", rs.name, err)
+                if self._listeners:
+                    self._emit("error", rs, shape.digest, operation="signature", error=err)
                 return None
             except Exception:
-                self._stats.incr("stale")
+                self._stats.stale(rs.index, shape.digest, orm_context.statement)
                 return None
         if tables is not record.tables and tables != record.tables:
             # first sight of this statement in this process: read its stamps
@@ -818,7 +954,8 @@ class CacheLayer:
         bound = record.seq
         for stamp in found.stamps:
             if stamp is None or stamp > bound:
-                self._stats.incr("stale")  # a commit to a table it read
+                # a commit to a table it read
+                self._stats.stale(rs.index, shape.digest, orm_context.statement)
                 return None
         expiration = hint.expiration_time
         if (
@@ -827,7 +964,7 @@ class CacheLayer:
             and not hint.ignore_expiration
             and time.time() - record.created > expiration
         ):
-            self._stats.incr("stale")
+            self._stats.stale(rs.index, shape.digest, orm_context.statement)
             return None
         options = orm_context.statement._with_options
         load_options: tuple[Any, ...] = ()
@@ -852,6 +989,7 @@ class CacheLayer:
         found: Lookup,
         written: set[str] | None,
         fills: int,
+        started: float,
     ) -> Any:
         rs = hint.region
         stats = self._stats
@@ -873,7 +1011,7 @@ class CacheLayer:
                     mutex = candidate
         except Exception as err:
             self._backend_error(rs, "lock", err)
-            stats.incr("bypasses")
+            self._bypass(rs, "backend_error", orm_context)
             return None
         try:
             if mutex is not None and (waited or rs.store.shared_fills or rs.fills != fills):
@@ -890,13 +1028,16 @@ class CacheLayer:
                         hit = self._try_hit(orm_context, hint, shape, again, tables)
                 except Exception as err:
                     self._backend_error(rs, "lookup", err)
-                    stats.incr("bypasses")
+                    self._bypass(rs, "backend_error", orm_context)
                     return None
                 if hit is not None:
-                    stats.incr("hits")
+                    elapsed = perf_counter() - started
+                    stats.hit(rs.index, shape.digest, orm_context.statement, elapsed)
+                    if self._listeners:
+                        self._emit("hit", rs, shape.digest, elapsed)
                     return hit
                 found = again
-            stats.incr("misses")
+            stats.incr("misses", 1, rs.index)
             seq_now = found.seq
             if seq_now is None:
                 try:
@@ -920,7 +1061,7 @@ class CacheLayer:
             if raw._unique_filter_state is not None:
                 # joined eager loads of collections: the ORM insists on unique()
                 frozen._attributes = frozen._attributes.union({REQUIRES_UNIQUE: True})
-            self._store(
+            stored = self._store(
                 orm_context,
                 rs,
                 key,
@@ -932,7 +1073,14 @@ class CacheLayer:
                 collector,
                 written,
             )
-            return restore_unique_requirement(frozen())
+            result = restore_unique_requirement(frozen())
+            elapsed = perf_counter() - started
+            stats.miss(rs.index, shape.digest, orm_context.statement, elapsed)
+            if self._listeners:
+                self._emit("miss", rs, shape.digest, elapsed)
+                if stored:
+                    self._emit("store", rs, shape.digest)
+            return result
         finally:
             if mutex is not None:
                 self._release(mutex)
@@ -955,17 +1103,18 @@ class CacheLayer:
         seq_now: int,
         collector: Any,
         written: set[str] | None,
-    ) -> None:
+    ) -> bool:
+        """Publish a miss's result if it may be; True if it was written."""
         stats = self._stats
         if collector.wrote:
-            stats.incr("not_stored")
-            return
+            self._not_stored(rs, "wrote_while_reading", shape)
+            return False
         tables = tuple(sorted(collector.tables | {ALL_TABLES}))
         # G2 with the tables actually read: ``written`` is what this transaction
         # had written before the query; anything written since is collector.wrote
         if written and (ANY_TABLE in tables or not written.isdisjoint(tables)):
-            stats.incr("not_stored")
-            return
+            self._not_stored(rs, "own_writes", shape)
+            return False
         try:
             record = record_from_frozen(frozen, marker, snapshot_seq, tables)
             payload: Any
@@ -978,9 +1127,8 @@ class CacheLayer:
                 if self._signer is not None:
                     payload = self._signer.sign(payload)
         except (NotRecordable, Exception) as err:
-            log.debug("sqla_cachelayer: result not recordable: %s", err)
-            stats.incr("not_stored")
-            return
+            self._not_stored(rs, f"not_recordable: {err}", shape)
+            return False
         shape.metadata = frozen.metadata
         try:
             stamps = rs.store.lookup(None, tables).stamps
@@ -991,15 +1139,16 @@ class CacheLayer:
             for stamp in stamps:
                 if stamp is None or stamp > snapshot_seq:
                     # a commit the snapshot may not include touched these tables
-                    stats.incr("not_stored")
-                    return
+                    self._not_stored(rs, "overtaken_by_commit", shape)
+                    return False
             rs.store.write_entry(key, payload)
         except Exception as err:
             self._backend_error(rs, "store", err)
-            return
+            return False
         shape.tables = tables
         rs.fills += 1  # a change detector only: a lost increment under a race still changes it
-        stats.incr("stores")
+        stats.incr("stores", 1, rs.index)
+        return True
 
     # ------------------------------------------------------------------
     def __repr__(self) -> str:
