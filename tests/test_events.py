@@ -229,12 +229,11 @@ def test_debug_log_says_why_a_query_was_not_cached(
     make_env: Callable[..., CacheEnv], caplog: pytest.LogCaptureFixture
 ) -> None:
     env = make_env()
-    with caplog.at_level(logging.DEBUG, logger="sqla_cachelayer.bypass"):
-        with env.Session() as s:
-            s.scalars(select(User).options(scl.FromCache()).with_for_update()).all()
-            s.get(User, 1).name = "pending"
-            s.flush()
-            s.scalars(select(User).options(scl.FromCache()).execution_options()).all()
+    with caplog.at_level(logging.DEBUG, logger="sqla_cachelayer.bypass"), env.Session() as s:
+        s.scalars(select(User).options(scl.FromCache()).with_for_update()).all()
+        s.get(User, 1).name = "pending"
+        s.flush()
+        s.scalars(select(User).options(scl.FromCache()).execution_options()).all()
     messages = [r.getMessage() for r in caplog.records if r.name == "sqla_cachelayer.bypass"]
     assert any("not cached (for_update)" in m for m in messages), messages
     assert any("not cached (own_writes)" in m for m in messages), messages
