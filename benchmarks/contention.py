@@ -19,14 +19,24 @@ table) until the writers are done.  For each configuration it prints:
 
 Configurations:
 
-SQLite (one file per configuration, in a temporary directory)
-  plain            ``create_engine(url)``, SQLAlchemy's defaults
-  tuned            ``engine_from_config({"sqlalchemy.url": url})``: WAL, pragmas,
-                   BEGIN IMMEDIATE (the default begin_mode)
-  tuned+deferred-readers   tuned, readers on
-                   ``engine.execution_options(sqlite_begin_mode="deferred")``
-  deferred+retry   ``sqlalchemy.begin_mode=deferred``, writers through
-                   ``run_in_transaction`` (what BEGIN DEFERRED needs to be correct)
+SQLite (one file per configuration, in a temporary directory; readers are
+always plain read-only sessions on the configuration's engine)
+  defaults          ``create_engine(url)``, SQLAlchemy's defaults, writers in
+                    plain sessions
+  tuned             ``engine_from_config({"sqlalchemy.url": url})`` (WAL,
+                    pragmas, BEGIN DEFERRED by default), writers through
+                    ``run_in_transaction`` (BEGIN IMMEDIATE, retries)
+  tuned-for-update  the same engine, writers in plain sessions reading with
+                    ``session.get(Counter, 1, with_for_update=True)``
+  tuned-plain       the same engine, writers in plain sessions that read then
+                    write: each either commits or raises, nothing is lost
+  immediate         ``sqlalchemy.begin_mode=immediate`` (every transaction,
+                    read-only ones included, takes the write lock), writers in
+                    plain sessions
+
+After the table, the targets are checked per round (``tuned`` against
+``defaults``): 0 lost, 0 failed, persisted increments/s >= 3x, reads/s >= 1x;
+the exit status is 1 if one is missed.
 
 PostgreSQL (when ``--pg-url`` or ``SCL_TEST_PG_URL`` is given; tables of the
 run's own, dropped afterwards)
@@ -35,7 +45,7 @@ run's own, dropped afterwards)
 
 Run::
 
-    python benchmarks/contention.py                       # SQLite only (~30 s)
+    python benchmarks/contention.py                       # SQLite only (~1 min)
     python benchmarks/contention.py --pg-url postgresql+psycopg://user@host/db
     python benchmarks/contention.py --repeat 3            # SQLite pairs 3 times
     python benchmarks/contention.py --quick               # smoke run
@@ -69,6 +79,9 @@ from sqla_cachelayer.engine import engine_from_config
 from sqla_cachelayer.retry import RetryStats, run_in_transaction
 
 SUFFIX = uuid.uuid4().hex[:8]
+
+#: The SQLite configurations, in the order they run within a round.
+SQLITE = ("defaults", "tuned", "tuned-for-update", "tuned-plain", "immediate")
 
 
 class Base(DeclarativeBase):
@@ -269,7 +282,7 @@ def retrying(isolation_level: str | None, stats: RetryStats, attempts: int) -> A
 
 
 def sqlite_configs(
-    tmp: Path, args: argparse.Namespace, round_no: int, which: set[str]
+    tmp: Path, args: argparse.Namespace, round_no: int, which: list[str]
 ) -> list[Result]:
     results = []
     kw = {"writers": args.writers, "readers": args.readers, "ops": args.ops}
@@ -278,52 +291,31 @@ def sqlite_configs(
         path = tmp / f"{tag}-{round_no}.db"
         return f"sqlite:///{path}"
 
-    if "plain" in which:
-        url = fresh("plain")
-        engine = create_engine(url)
-        setup(engine)
-        results.append(
-            run("sqlite plain", engine, engine, unit=lambda S: plain_unit(S, bump), **kw)
-        )
-        engine.dispose()
-    if "tuned" in which:
-        url = fresh("tuned")
-        engine = engine_from_config({"sqlalchemy.url": url})
-        setup(engine)
-        results.append(
-            run("sqlite tuned", engine, engine, unit=lambda S: plain_unit(S, bump), **kw)
-        )
-        engine.dispose()
-    if "deferred-readers" in which:
-        url = fresh("dr")
-        engine = engine_from_config({"sqlalchemy.url": url})
-        setup(engine)
-        readers = engine.execution_options(sqlite_begin_mode="deferred")
-        results.append(
-            run(
-                "sqlite tuned+deferred-readers",
-                engine,
-                readers,
-                unit=lambda S: plain_unit(S, bump),
-                **kw,
+    for tag in which:
+        url = fresh(tag)
+        stats: RetryStats | None = None
+        if tag == "defaults":
+            engine = create_engine(url)
+            unit: Any = lambda S: plain_unit(S, bump)  # noqa: E731
+        elif tag == "tuned":
+            engine = engine_from_config({"sqlalchemy.url": url})
+            stats = RetryStats()
+            unit = retrying(None, stats, attempts=args.attempts)
+        elif tag == "tuned-for-update":
+            engine = engine_from_config({"sqlalchemy.url": url})
+            unit = lambda S: plain_unit(S, bump_for_update)  # noqa: E731
+        elif tag == "tuned-plain":
+            engine = engine_from_config({"sqlalchemy.url": url})
+            unit = lambda S: plain_unit(S, bump)  # noqa: E731
+        elif tag == "immediate":
+            engine = engine_from_config(
+                {"sqlalchemy.url": url, "sqlalchemy.begin_mode": "immediate"}
             )
-        )
-        engine.dispose()
-    if "deferred-retry" in which:
-        url = fresh("deferred")
-        engine = engine_from_config({"sqlalchemy.url": url, "sqlalchemy.begin_mode": "deferred"})
+            unit = lambda S: plain_unit(S, bump)  # noqa: E731
+        else:
+            raise SystemExit(f"unknown SQLite configuration {tag!r}; known: {', '.join(SQLITE)}")
         setup(engine)
-        stats = RetryStats()
-        results.append(
-            run(
-                "sqlite deferred+retry",
-                engine,
-                engine,
-                unit=retrying(None, stats, attempts=args.attempts),
-                stats=stats,
-                **kw,
-            )
-        )
+        results.append(run(f"sqlite {tag}", engine, engine, unit=unit, stats=stats, **kw))
         engine.dispose()
     return results
 
@@ -383,15 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the SQLite configs")
     parser.add_argument(
         "--sqlite",
-        default="plain,tuned,deferred-readers,deferred-retry",
-        help="SQLite configurations to run, comma-separated",
+        default=",".join(SQLITE),
+        help=f"SQLite configurations to run, comma-separated (of {', '.join(SQLITE)})",
     )
     parser.add_argument("--pg-url", default=os.environ.get("SCL_TEST_PG_URL"))
     parser.add_argument("--quick", action="store_true", help="smoke run: few operations")
     args = parser.parse_args(argv)
     if args.quick:
         args.ops = 20
-    which = {name.strip() for name in args.sqlite.split(",") if name.strip()}
+    which = [name.strip() for name in args.sqlite.split(",") if name.strip()]
 
     print(f"# contention benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(
@@ -400,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.writers} writers x {args.ops} RMW tx, {args.readers} readers"
     )
     print("# command: python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]))
+    print("# load average before: " + load())
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="scl-contention-") as tmp:
         for round_no in range(args.repeat):
@@ -408,15 +401,55 @@ def main(argv: list[str] | None = None) -> int:
         results += pg_configs(args.pg_url, args)
     else:
         print("# PostgreSQL skipped: no --pg-url and no SCL_TEST_PG_URL")
+    print("# load average after:  " + load())
     print()
     print_table(results)
+    verdicts = check_targets(results)
     errors = [(r.name, e, n) for r in results for e, n in r.errors.items()]
     if errors:
         print()
         print("errors:")
         for name, error, n in errors:
             print(f"  {name}: {n} x {error}")
-    return 0
+    return 0 if all(verdicts) else 1
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def check_targets(results: list[Result]) -> list[bool]:
+    """Per round: tuned against defaults, as docs/performance-engine.md states them."""
+    verdicts: list[bool] = []
+    defaults = [r for r in results if r.name == "sqlite defaults"]
+    tuned = [r for r in results if r.name == "sqlite tuned"]
+    for round_no, (base, best) in enumerate(zip(defaults, tuned, strict=False), 1):
+        base_persisted = base.final / base.elapsed
+        best_persisted = best.final / best.elapsed
+        base_reads = base.reads / base.elapsed
+        best_reads = best.reads / best.elapsed
+        checks = [
+            ("0 lost", best.lost == 0, f"{best.lost}"),
+            ("0 failed", best.failed == 0, f"{best.failed}"),
+            (
+                "persisted/s >= 3x defaults",
+                best_persisted >= 3 * base_persisted,
+                f"{best_persisted:,.0f} vs {base_persisted:,.0f} "
+                f"({best_persisted / max(base_persisted, 1e-9):.1f}x)",
+            ),
+            (
+                "reads/s >= defaults",
+                best_reads >= base_reads,
+                f"{best_reads:,.0f} vs {base_reads:,.0f} "
+                f"({best_reads / max(base_reads, 1e-9):.2f}x)",
+            ),
+        ]
+        print()
+        print(f"round {round_no}, sqlite tuned against sqlite defaults:")
+        for label, ok, figures in checks:
+            print(f"  {'PASS' if ok else 'FAIL'}  {label}: {figures}")
+            verdicts.append(ok)
+    return verdicts
 
 
 if __name__ == "__main__":

@@ -12,9 +12,16 @@ added:
 * **SQLite transactions**: pysqlite's legacy transaction control (which runs a
   ``SELECT`` outside any transaction, so read-modify-write units of work lose
   updates) is switched off and the engine issues its own ``BEGIN`` for each
-  transaction.  ``sqlalchemy.begin_mode`` chooses ``deferred``, ``immediate``
-  (the default) or ``exclusive``; the execution option ``sqlite_begin_mode``
-  overrides it for one connection, session or engine copy.
+  transaction, just before its first statement.  ``sqlalchemy.begin_mode``
+  chooses ``deferred`` (the default: a transaction that only reads never
+  takes the write lock), ``immediate`` or ``exclusive``; the execution option
+  ``sqlite_begin_mode`` overrides it for one connection, session or engine
+  copy.  Under ``deferred``, a transaction declared as writing
+  (``sqlite_write_intent``, set by ``run_in_transaction``) or whose first
+  statement is a locking read (``with_for_update()``) begins ``IMMEDIATE``.
+* **Forks**: a process forked from one that built the engine gets a new, empty
+  pool (``engine.dispose(close=False)`` in the child), never its parent's
+  connections.
 * **Pool defaults** per kind of URL (file SQLite, private ``:memory:``,
   PostgreSQL, MySQL/MariaDB), each overridden by the usual ``sqlalchemy.pool_*``
   keys.
@@ -37,8 +44,11 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -47,7 +57,7 @@ import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 
 from sqla_cachelayer._coerce import parse_bool
 from sqla_cachelayer.exc import ConfigurationError
@@ -61,6 +71,7 @@ __all__ = [
     "BEGIN_MODE_OPTION",
     "DEFAULT_BEGIN_MODE",
     "TUNED_PRAGMAS",
+    "WRITE_INTENT_OPTION",
     "async_engine_from_config",
     "engine_from_config",
     "pool_defaults",
@@ -74,20 +85,47 @@ BeginMode = Literal["deferred", "immediate", "exclusive"]
 #: execution option.
 BEGIN_MODES: Final[tuple[BeginMode, ...]] = ("deferred", "immediate", "exclusive")
 
-#: Taking the write lock at BEGIN is what makes a read-modify-write unit of work
-#: safe without a retry: its first SELECT already sees the latest commit, and no
-#: other writer can commit before it does.  docs/engine.md has the measurements
-#: that chose it over ``deferred``.
-DEFAULT_BEGIN_MODE: Final[BeginMode] = "immediate"
+#: A transaction that only reads must never take the write lock: in WAL mode it
+#: then reads beside the writer instead of queueing behind it.  Units of work
+#: that read in order to write take the lock up front instead: those run by
+#: ``run_in_transaction`` (:data:`WRITE_INTENT_OPTION`) and those whose first
+#: statement is a locking read (``with_for_update()``).  docs/engine.md has the
+#: measurements behind the choice.
+DEFAULT_BEGIN_MODE: Final[BeginMode] = "deferred"
 
 #: Execution option choosing the BEGIN of one connection, session or engine copy,
-#: e.g. ``engine.execution_options(sqlite_begin_mode="deferred")`` for a
-#: read-only reporting session that must not queue behind writers.
+#: e.g. ``session.connection(execution_options={"sqlite_begin_mode": "immediate"})``
+#: for a unit of work that reads, then writes what it computed.
 BEGIN_MODE_OPTION: Final = "sqlite_begin_mode"
 
-# Key in a pool record's info: the thread whose write-lock transaction is open
-# on that connection.
+#: Execution option saying that a connection's transactions read in order to
+#: write (``True``): they begin at least ``IMMEDIATE``, whatever the begin mode
+#: (``exclusive`` stays exclusive).  :func:`~sqla_cachelayer.run_in_transaction`
+#: sets it on the session's connection.
+WRITE_INTENT_OPTION: Final = "sqlite_write_intent"
+
+# Keys in a pool record's info, each about the transaction open on that DBAPI
+# connection and dropped when it ends:
+# - the thread whose write-lock transaction is open on it;
 _WRITE_LOCK_KEY: Final = "sqla_cachelayer.write_lock_thread"
+# - that its first statement must issue BEGIN first;
+_PENDING_BEGIN_KEY: Final = "sqla_cachelayer.pending_begin"
+# - the mode of the BEGIN issued, and a weak reference to the execution
+#   context of the statement it preceded;
+_OPEN_MODE_KEY: Final = "sqla_cachelayer.begin_mode"
+_FIRST_STATEMENT_KEY: Final = "sqla_cachelayer.first_statement"
+# - the mode of a BEGIN that just failed, for the error's message;
+_FAILED_BEGIN_KEY: Final = "sqla_cachelayer.failed_begin"
+# - the engine's writer gate, when this transaction holds it.
+_GATE_KEY: Final = "sqla_cachelayer.gate"
+_TRANSACTION_KEYS: Final = (
+    _PENDING_BEGIN_KEY,
+    _OPEN_MODE_KEY,
+    _FIRST_STATEMENT_KEY,
+    _FAILED_BEGIN_KEY,
+)
+
+_SQLITE_BUSY_SNAPSHOT: Final = 517  # SQLITE_BUSY | (2 << 8)
 
 _BEGIN_SQL: Final[Mapping[str, str]] = {
     "deferred": "BEGIN DEFERRED",
@@ -326,9 +364,12 @@ def pool_defaults(url: str | URL) -> dict[str, Any]:
             # same connection, one at a time, so that transactions do not mix.
             return {"pool_size": 1, "max_overflow": 0, "pool_timeout": 30.0, "pool_recycle": -1}
         # A local file never drops a connection, so no ping and no recycling.
+        # Writers queued for the write lock each hold a connection while they
+        # wait: the overflow leaves room for readers beside them (a connection
+        # costs a file handle and its page cache, filled only as it reads).
         return {
             "pool_size": 5,
-            "max_overflow": 10,
+            "max_overflow": 20,
             "pool_timeout": 30.0,
             "pool_pre_ping": False,
             "pool_recycle": -1,
@@ -542,36 +583,176 @@ def _in_transaction(driver_connection: Any) -> bool:
     return bool(getattr(driver_connection, "in_transaction", False))
 
 
+def _is_locking_read(context: Any) -> bool:
+    # SQLite has no FOR UPDATE (its compiler drops the clause); a statement
+    # that asked for one is a read made in order to write.  The layer reads
+    # the same attribute to keep such reads out of the cache.
+    compiled = getattr(context, "compiled", None)
+    statement = getattr(compiled, "statement", None)
+    return getattr(statement, "_for_update_arg", None) is not None
+
+
+def _sqlite_busy(error: BaseException | None) -> int | None:
+    """The SQLite result code of a busy/locked error, else None."""
+    if not isinstance(error, sqlite3.Error):
+        # aiosqlite's adapted errors keep the sqlite3 one as their cause.
+        error = getattr(error, "__cause__", None)
+        if not isinstance(error, sqlite3.Error):
+            return None
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in (5, 6):
+        return code
+    return None
+
+
+def _is_first(info: Mapping[str, Any], context: Any) -> bool:
+    """Whether ``context`` is the statement that began the open transaction."""
+    first = info.get(_FIRST_STATEMENT_KEY)
+    return context is not None and first is not None and first() is context
+
+
+def _stop_cancelled_statement(connection: Connection) -> None:
+    """Interrupt and roll back the statement of a cancelled coroutine, now.
+
+    SQLAlchemy answers a cancelled query by discarding the connection, but
+    aiosqlite runs the statement on a thread of its own, and closes the
+    connection only after the statement has finished: until then its
+    transaction, and the write lock it may hold, stay in force, and the next
+    query waits for them.  ``interrupt()`` stops the statement at once and the
+    rollback, queued behind it on that thread, is awaited before the
+    ``CancelledError`` goes on, so the lock is free when it reaches the caller.
+    """
+    try:
+        driver_connection = connection.connection.driver_connection
+        interrupt = getattr(driver_connection, "interrupt", None)
+        rollback = getattr(driver_connection, "rollback", None)
+        if interrupt is None or rollback is None:
+            return
+        from sqlalchemy.util import await_only
+
+        await_only(interrupt())
+        await_only(rollback())
+    except BaseException:
+        # Best effort: the error that matters is the cancellation being raised,
+        # and the connection is discarded (closed) after this in any case.
+        log.debug("could not stop a cancelled SQLite statement", exc_info=True)
+
+
+class _WriteLockHolders:
+    """Thread ident -> write-lock transactions open on one engine.
+
+    Owned by that engine's hooks; every access holds ``lock``.  Emptied in a
+    forked child, whose only thread holds nothing.
+    """
+
+    def __init__(self, database: str, gate_timeout: float) -> None:
+        self.database = database
+        self.lock = threading.Lock()
+        self.counts: dict[int, int] = {}
+        # Taken before BEGIN IMMEDIATE/EXCLUSIVE and released when that
+        # transaction ends, by whichever thread ends it.
+        self.gate = threading.Lock()
+        self.gate_timeout = gate_timeout
+
+    def holds(self, ident: int) -> bool:
+        with self.lock:
+            return bool(self.counts.get(ident))
+
+    def add(self, ident: int) -> None:
+        with self.lock:
+            self.counts[ident] = self.counts.get(ident, 0) + 1
+
+    def remove(self, ident: int) -> None:
+        with self.lock:
+            left = self.counts.get(ident, 0) - 1
+            if left > 0:
+                self.counts[ident] = left
+            else:
+                self.counts.pop(ident, None)
+
+    def clear(self) -> None:
+        # Called in a forked child, whose only thread holds no transaction; the
+        # inherited lock may have been held by a thread that does not exist there.
+        self.lock = threading.Lock()
+        self.counts = {}
+        self.gate = threading.Lock()
+
+
+# What a forked child must not inherit: the parent's pooled connections (a
+# connection is a socket or a SQLite handle whose locks belong to the parent),
+# and the record of which of the parent's threads hold write locks.  Both sets
+# are weak: an engine dropped by the application is dropped here too.
+_fork_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_fork_state: weakref.WeakSet[_WriteLockHolders] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for holders in list(_fork_state):
+        if holders.counts:
+            # SQLite records its locks per process, and fork copies the record
+            # of a lock that only the parent holds: SQLite in this process will
+            # see that database as locked for as long as the process lives.
+            log.warning(
+                "process %d was forked while a thread of its parent held the SQLite "
+                "write lock on %s: this process cannot write that database; fork "
+                "before opening transactions (e.g. preload, then fork, then serve)",
+                os.getpid(),
+                holders.database,
+            )
+        holders.clear()
+    for engine in list(_fork_engines):
+        # SQLAlchemy's recipe for engines that cross a fork: a new, empty pool,
+        # the parent's connections left alone (closing them would send the
+        # parent's server a goodbye, or roll back the parent's SQLite
+        # transaction under it).
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_UPGRADE_HINT: Final = (
+    "this SQLite transaction began DEFERRED and read before writing; another "
+    "connection took the write lock or committed since its first read, so this "
+    "write could lose an update and SQLite refused it. Nothing was written: rerun "
+    "the whole unit of work, for example with sqla_cachelayer.run_in_transaction() "
+    "(which begins IMMEDIATE and retries), or make a with_for_update() read its first "
+    "statement (see docs/engine.md)"
+)
+
+
 def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
     """Every SQLite event listener, in one place (see docs/engine.md)."""
     pragma_sql = [f"PRAGMA {name} = {value}" for name, value in plan.pragmas.items()]
     take_over_begin = not plan.autocommit
     default_mode: BeginMode = plan.begin_mode
-    # A second transaction opened by a thread that already holds the write lock
-    # through another connection would wait for itself until busy_timeout; it
-    # begins DEFERRED instead, so that it can at least read.  An asyncio engine
-    # runs every transaction on one thread, so the rule is for threads only.
-    track_threads = not engine.dialect.is_async
-    # Thread ident -> write-lock transactions open on this engine.  Owned by
-    # this engine's hooks; guarded by holders_lock.
-    holders: dict[int, int] = {}
-    holders_lock = threading.Lock()
+    # A second write-lock transaction opened by a thread that already holds the
+    # write lock through another connection would wait for itself until
+    # busy_timeout; it begins DEFERRED instead, so that it can at least read.
+    # An asyncio engine runs every transaction on one thread, so the rule is
+    # for threads only.
+    is_async = engine.dialect.is_async
+    track_threads = not is_async
+    busy_ms = plan.pragmas.get("busy_timeout")
+    holders = _WriteLockHolders(
+        engine.url.render_as_string(hide_password=True),
+        gate_timeout=int(busy_ms) / 1000 if busy_ms is not None else 5.0,
+    )
+    _fork_state.add(holders)
 
     def note_released(info: dict[Any, Any]) -> None:
+        for key in _TRANSACTION_KEYS:
+            info.pop(key, None)
         ident = info.pop(_WRITE_LOCK_KEY, None)
-        if ident is None:
-            return
-        with holders_lock:
-            left = holders.get(ident, 0) - 1
-            if left > 0:
-                holders[ident] = left
-            else:
-                holders.pop(ident, None)
+        if ident is not None:
+            holders.remove(ident)
+        if info.pop(_GATE_KEY, None) is holders.gate:
+            holders.gate.release()
 
     def on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
         if take_over_begin:
             # Stop pysqlite from issuing BEGIN itself (and from running SELECTs
-            # outside the transaction); on_begin issues it instead.
+            # outside the transaction); the hooks below issue it instead.
             dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
@@ -581,16 +762,13 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
             cursor.close()
 
     def on_begin(conn: Connection) -> None:
+        # BEGIN itself waits for the transaction's first statement, which
+        # decides between DEFERRED and IMMEDIATE (a locking read), and a
+        # transaction that never runs a statement takes no lock at all.
         options = conn.get_execution_options()
         level = options.get("isolation_level")
         if level == "AUTOCOMMIT" or (level is None and plan.autocommit):
             return
-        mode: BeginMode = options.get(BEGIN_MODE_OPTION) or default_mode
-        ident = threading.get_ident()
-        if mode != "deferred" and track_threads:
-            with holders_lock:
-                if holders.get(ident):
-                    mode = "deferred"
         proxied = conn.connection
         dbapi_connection = proxied.dbapi_connection
         if dbapi_connection is not None and dbapi_connection.isolation_level is not None:
@@ -598,16 +776,85 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
             # gives pysqlite its BEGIN back; no transaction is open here, so
             # taking it away again commits nothing.
             dbapi_connection.isolation_level = None
-        conn.exec_driver_sql(_BEGIN_SQL[mode])
+        proxied.info[_PENDING_BEGIN_KEY] = True
+
+    def before_cursor_execute(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        info = conn.connection.info
+        if _PENDING_BEGIN_KEY not in info:
+            return
+        # Options are read now rather than at begin, so that a session's
+        # after_begin hook can still declare the transaction a writer.
+        options = conn.get_execution_options()
+        mode: BeginMode = options.get(BEGIN_MODE_OPTION) or default_mode
+        if mode == "deferred" and (options.get(WRITE_INTENT_OPTION) or _is_locking_read(context)):
+            mode = "immediate"
+        ident = threading.get_ident()
+        if mode != "deferred" and track_threads and holders.holds(ident):
+            mode = "deferred"
+        gate = None
         if mode != "deferred" and track_threads:
-            proxied.info[_WRITE_LOCK_KEY] = ident
-            with holders_lock:
-                holders[ident] = holders.get(ident, 0) + 1
+            gate = holders.gate
+            if not gate.acquire(timeout=holders.gate_timeout):
+                gate = None  # SQLite's busy handler decides, as without the gate
+        try:
+            # On the raw cursor: a BEGIN that fails (busy_timeout ran out) is
+            # reported by SQLAlchemy as the failure of the statement it
+            # preceded, and the next statement tries BEGIN again.
+            cursor.execute(_BEGIN_SQL[mode])
+        except Exception:
+            info[_FAILED_BEGIN_KEY] = mode
+            if gate is not None:
+                gate.release()
+            raise
+        if gate is not None:
+            info[_GATE_KEY] = gate
+        del info[_PENDING_BEGIN_KEY]
+        info[_OPEN_MODE_KEY] = mode
+        info[_FIRST_STATEMENT_KEY] = weakref.ref(context) if context is not None else None
+        if mode != "deferred" and track_threads:
+            info[_WRITE_LOCK_KEY] = ident
+            holders.add(ident)
+
+    def on_error(ctx: ExceptionContext) -> None:
+        connection = ctx.connection
+        if connection is None:
+            return
+        if is_async and not isinstance(ctx.original_exception, Exception):
+            _stop_cancelled_statement(connection)
+            return
+        error = ctx.sqlalchemy_exception
+        if not isinstance(error, sa_exc.StatementError):
+            return
+        code = _sqlite_busy(ctx.original_exception)
+        if code is None or connection.invalidated:
+            return
+        info = connection.connection.info
+        failed_begin = info.pop(_FAILED_BEGIN_KEY, None)
+        if failed_begin is not None:
+            error.add_detail(
+                f"raised by the BEGIN {failed_begin.upper()} issued before this statement: "
+                "another connection held the write lock for longer than busy_timeout"
+            )
+        elif info.get(_OPEN_MODE_KEY) == "deferred" and (
+            code == _SQLITE_BUSY_SNAPSHOT or not _is_first(info, ctx.execution_context)
+        ):
+            error.add_detail(_UPGRADE_HINT)
 
     def on_commit(conn: Connection) -> None:
         note_released(conn.connection.info)
 
     def on_rollback(conn: Connection) -> None:
+        if conn.invalidated:
+            # Its DBAPI connection is gone (the invalidate event released what
+            # it held); asking for it would raise PendingRollbackError.
+            return
         note_released(conn.connection.info)
         # pysqlite reports isolation_level=None as autocommit, so with
         # skip_autocommit_rollback SQLAlchemy would skip the DBAPI rollback and
@@ -638,6 +885,13 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
                 key=BEGIN_MODE_OPTION,
                 value=mode,
             )
+        intent = opts.get(WRITE_INTENT_OPTION)
+        if intent is not None and not isinstance(intent, bool):
+            raise ConfigurationError(
+                f"{WRITE_INTENT_OPTION}: expected True or False, got {intent!r}",
+                key=WRITE_INTENT_OPTION,
+                value=intent,
+            )
 
     event.listen(engine, "connect", on_connect)
     event.listen(engine, "reset", on_reset)
@@ -647,6 +901,8 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
     event.listen(engine, "set_engine_execution_options", check_options)
     if take_over_begin:
         event.listen(engine, "begin", on_begin)
+        event.listen(engine, "before_cursor_execute", before_cursor_execute)
+        event.listen(engine, "handle_error", on_error)
         event.listen(engine, "commit", on_commit)
         event.listen(engine, "rollback", on_rollback)
 
@@ -687,8 +943,8 @@ def engine_from_config(
 
     * ``pragma.<name>``: a SQLite pragma for every new connection, replacing the
       tuned one in :data:`TUNED_PRAGMAS` (an empty value leaves SQLite's default);
-    * ``begin_mode``: ``deferred``, ``immediate`` (default) or ``exclusive``, the
-      BEGIN issued for each SQLite transaction;
+    * ``begin_mode``: ``deferred`` (default), ``immediate`` or ``exclusive``,
+      the BEGIN issued for each SQLite transaction;
     * pool defaults per URL kind (:func:`pool_defaults`).
 
     :raises ConfigurationError: a missing or malformed URL, an unknown dialect or
@@ -721,6 +977,7 @@ def engine_from_config(
     engine: Engine = _create(plan, prefix, sqlalchemy.create_engine)
     if plan.is_sqlite:
         _install_sqlite_hooks(engine, plan)
+    _fork_engines.add(engine)
     return engine
 
 
@@ -758,4 +1015,5 @@ def async_engine_from_config(
     engine: AsyncEngine = _create(plan, prefix, create_async_engine)
     if plan.is_sqlite:
         _install_sqlite_hooks(engine.sync_engine, plan)
+    _fork_engines.add(engine.sync_engine)
     return engine

@@ -57,18 +57,30 @@ import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Final,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 import tenacity
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from ._aio import sqlalchemy_asyncio
+from .engine import WRITE_INTENT_OPTION
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = [
+    "UNIT_OF_WORK_INFO_KEY",
     "RetryStats",
     "is_transient_error",
     "retry_stats",
@@ -81,6 +93,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+#: Set to ``True`` in ``session.info`` (``sync_session.info`` for an
+#: ``AsyncSession``) of each session :func:`run_in_transaction` creates, unless
+#: it is called with ``use_cache=True``.  The cache layer reads it and answers
+#: every query of that session from the database (guarantee G7); other code
+#: may read it to know that a session runs a unit of work.
+UNIT_OF_WORK_INFO_KEY: Final = "sqla_cachelayer.unit_of_work"
 
 RetryOn = Callable[[BaseException], bool] | type[BaseException] | tuple[type[BaseException], ...]
 
@@ -233,6 +252,7 @@ class _Policy:
     isolation_level: str | None
     retry_on: Callable[[BaseException], bool]
     stats: RetryStats
+    use_cache: bool
 
     @classmethod
     def build(
@@ -245,6 +265,7 @@ class _Policy:
         isolation_level: str | None,
         retry_on: RetryOn | None,
         stats: RetryStats | None,
+        use_cache: bool,
     ) -> _Policy:
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"attempts: expected an integer >= 1, got {attempts!r}")
@@ -278,6 +299,7 @@ class _Policy:
             isolation_level=isolation_level,
             retry_on=predicate,
             stats=stats if stats is not None else retry_stats,
+            use_cache=bool(use_cache),
         )
 
     def tenacity_args(self, name: str, unsafe: Callable[[BaseException], bool]) -> dict[str, Any]:
@@ -336,6 +358,59 @@ class _CommitGuard:
 # --- sync ------------------------------------------------------------------------------------
 
 
+_MISSING: Final = object()
+
+
+def _prepare(session: Session, policy: _Policy) -> bool:
+    """Set up the session before ``fn`` runs; True if :func:`_finish` must undo a hook.
+
+    Unless ``use_cache``, the session is marked as running a unit of work, so
+    that the cache layer reads from the database (G7).
+
+    A unit of work reads in order to write: on SQLite each transaction it
+    begins takes the write lock at BEGIN (``sqlite_write_intent``, read by
+    ``engine_from_config`` engines and ignored by others), so that its reads
+    see the latest commit and no other writer commits in between; SQLite has
+    no row locks to do it more finely.  The option is given to each connection
+    the session begins (``after_begin``, before its first statement), not by
+    checking one out now: a session with no connection yet lets the cache
+    layer take the freshest snapshot bound for its first query.
+    """
+    if not policy.use_cache:
+        session.info[UNIT_OF_WORK_INFO_KEY] = True
+    if policy.isolation_level is not None:
+        session.connection(
+            execution_options={
+                WRITE_INTENT_OPTION: True,
+                "isolation_level": policy.isolation_level,
+            }
+        )
+        return False
+    if session.in_transaction():
+        return False  # the factory's session already began: nothing to declare
+    event.listen(session, "after_begin", _declare_write_intent)
+    return True
+
+
+def _declare_write_intent(session: Session, transaction: Any, connection: Any) -> None:
+    connection.execution_options(**{WRITE_INTENT_OPTION: True})
+
+
+def _finish(session: Session, hooked: bool, previous: object) -> None:
+    if hooked:
+        event.remove(session, "after_begin", _declare_write_intent)
+    _restore(session.info, previous)
+
+
+def _restore(info: dict[Any, Any], previous: object) -> None:
+    # A factory may hand out the same session again (scoped_session): the mark
+    # must not outlive the unit of work.
+    if previous is _MISSING:
+        info.pop(UNIT_OF_WORK_INFO_KEY, None)
+    else:
+        info[UNIT_OF_WORK_INFO_KEY] = previous
+
+
 def _attempt(
     session_factory: Callable[[], Session],
     fn: Callable[[Session], T],
@@ -344,9 +419,10 @@ def _attempt(
 ) -> T:
     policy.stats._add("attempts")
     session = session_factory()
+    previous = session.info.get(UNIT_OF_WORK_INFO_KEY, _MISSING)
+    hooked = False
     try:
-        if policy.isolation_level is not None:
-            session.connection(execution_options={"isolation_level": policy.isolation_level})
+        hooked = _prepare(session, policy)
         result = fn(session)
         # Flushing first leaves COMMIT alone in the try below, so that only a
         # connection lost by COMMIT itself counts as an unknown outcome.
@@ -368,6 +444,7 @@ def _attempt(
         raise
     finally:
         session.close()
+        _finish(session, hooked, previous)
 
 
 def _run_sync(
@@ -398,9 +475,10 @@ async def _attempt_async(
 ) -> T:
     policy.stats._add("attempts")
     session = session_factory()
+    previous = session.info.get(UNIT_OF_WORK_INFO_KEY, _MISSING)
+    hooked = False
     try:
-        if policy.isolation_level is not None:
-            await session.connection(execution_options={"isolation_level": policy.isolation_level})
+        hooked = await session.run_sync(_prepare, policy)
         result = await fn(session)
         await session.flush()
         try:
@@ -418,6 +496,7 @@ async def _attempt_async(
         raise
     finally:
         await session.close()
+        _finish(session.sync_session, hooked, previous)
 
 
 async def _run_async(
@@ -477,6 +556,7 @@ def run_in_transaction(
     isolation_level: str | None = ...,
     retry_on: RetryOn | None = ...,
     stats: RetryStats | None = ...,
+    use_cache: bool = ...,
 ) -> Coroutine[Any, Any, T]: ...
 
 
@@ -492,6 +572,7 @@ def run_in_transaction(
     isolation_level: str | None = ...,
     retry_on: RetryOn | None = ...,
     stats: RetryStats | None = ...,
+    use_cache: bool = ...,
 ) -> T: ...
 
 
@@ -507,6 +588,7 @@ def run_in_transaction(
     isolation_level: str | None = ...,
     retry_on: RetryOn | None = ...,
     stats: RetryStats | None = ...,
+    use_cache: bool = ...,
 ) -> AsyncDecorator: ...
 
 
@@ -522,6 +604,7 @@ def run_in_transaction(
     isolation_level: str | None = ...,
     retry_on: RetryOn | None = ...,
     stats: RetryStats | None = ...,
+    use_cache: bool = ...,
 ) -> SyncDecorator: ...
 
 
@@ -536,6 +619,7 @@ def run_in_transaction(
     isolation_level: str | None = None,
     retry_on: RetryOn | None = None,
     stats: RetryStats | None = None,
+    use_cache: bool = False,
 ) -> Any:
     """Run ``fn(session)`` in a transaction, commit, rerun it all on transient failures.
 
@@ -558,6 +642,13 @@ def run_in_transaction(
         Default :func:`is_transient_error`.  A connection lost *during COMMIT*
         is never retried whatever this says: the commit may have happened.
     :param stats: where to count; default the module-level :data:`retry_stats`.
+    :param use_cache: ``False`` (default): every read of ``fn`` goes to the
+        database, whatever the session's cache defaults (``cache_all``, a
+        session-wide ``cache_region``, ``FromCache`` hints), because a value
+        read from the cache may already have been replaced by a concurrent
+        commit, and writing what was computed from it would lose that update.
+        ``True``: reads may come from the cache, as in any session; for units
+        of work that only write, or whose reads need not be current.
 
     When the attempts or ``max_total`` run out, the last error is raised as is.
 
@@ -582,6 +673,7 @@ def run_in_transaction(
         isolation_level=isolation_level,
         retry_on=retry_on,
         stats=stats,
+        use_cache=use_cache,
     )
     is_async = _is_async_factory(session_factory)
     if fn is not None:
@@ -627,6 +719,7 @@ def run_in_transaction_async(
     isolation_level: str | None = ...,
     retry_on: RetryOn | None = ...,
     stats: RetryStats | None = ...,
+    use_cache: bool = ...,
 ) -> Coroutine[Any, Any, T]: ...
 
 
@@ -642,6 +735,7 @@ def run_in_transaction_async(
     isolation_level: str | None = ...,
     retry_on: RetryOn | None = ...,
     stats: RetryStats | None = ...,
+    use_cache: bool = ...,
 ) -> AsyncDecorator: ...
 
 
@@ -656,11 +750,14 @@ def run_in_transaction_async(
     isolation_level: str | None = None,
     retry_on: RetryOn | None = None,
     stats: RetryStats | None = None,
+    use_cache: bool = False,
 ) -> Any:
     """The asyncio form of :func:`run_in_transaction`, by name.
 
-    Same arguments; ``fn`` is ``async def fn(session: AsyncSession)`` and the
-    result is awaited.  Sleeps between attempts use ``asyncio.sleep``.
+    Same arguments (``use_cache`` included: by default the cache layer reads
+    from the database inside ``fn``); ``fn`` is ``async def fn(session:
+    AsyncSession)`` and the result is awaited.  Sleeps between attempts use
+    ``asyncio.sleep``.
 
     Example::
 
@@ -677,6 +774,7 @@ def run_in_transaction_async(
         isolation_level=isolation_level,
         retry_on=retry_on,
         stats=stats,
+        use_cache=use_cache,
     )
     if fn is not None:
         return _run_async(session_factory, fn, policy)

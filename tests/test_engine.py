@@ -28,6 +28,7 @@ from sqla_cachelayer.engine import (
     pool_defaults,
 )
 from sqla_cachelayer.exc import ConfigurationError
+from sqla_cachelayer.retry import run_in_transaction, transient_reason
 
 
 class Base(DeclarativeBase):
@@ -273,7 +274,7 @@ def test_file_sqlite_pool_defaults(sqlite_path: Path) -> None:
     engine = make(sqlite_path)
     pool = engine.pool
     assert isinstance(pool, QueuePool)
-    assert (pool.size(), pool._max_overflow, pool._timeout) == (5, 10, 30.0)
+    assert (pool.size(), pool._max_overflow, pool._timeout) == (5, 20, 30.0)
     assert pool._pre_ping is False
     assert pool._recycle == -1
     engine.dispose()
@@ -314,15 +315,14 @@ def seed(engine: Engine, value: int = 0) -> None:
         session.add(Counter(id=1, value=value))
 
 
-def test_default_begin_is_immediate_read_holds_write_lock(sqlite_path: Path) -> None:
+def test_default_read_only_session_takes_no_write_lock(sqlite_path: Path) -> None:
     engine = make(sqlite_path)
     seed(engine)
     with sessionmaker(engine)() as session:
         session.get(Counter, 1)
-        # The SELECT ran inside BEGIN IMMEDIATE: no other writer can commit
-        # between this read and this session's write.
-        assert not write_lock_free(sqlite_path)
-    assert write_lock_free(sqlite_path)
+        assert session.in_transaction()
+        # G8: a session that only reads leaves the write lock to writers.
+        assert write_lock_free(sqlite_path)
     engine.dispose()
 
 
@@ -340,6 +340,16 @@ def test_deferred_read_does_not_take_write_lock_and_keeps_snapshot(sqlite_path: 
     engine.dispose()
 
 
+def test_immediate_mode_read_holds_write_lock(sqlite_path: Path) -> None:
+    engine = make(sqlite_path, begin_mode="immediate")
+    seed(engine)
+    with sessionmaker(engine)() as session:
+        session.get(Counter, 1)
+        assert not write_lock_free(sqlite_path)
+    assert write_lock_free(sqlite_path)
+    engine.dispose()
+
+
 def test_exclusive_blocks_readers_in_rollback_journal_mode(sqlite_path: Path) -> None:
     engine = make(sqlite_path, begin_mode="exclusive", **{"pragma.journal_mode": "delete"})
     seed(engine)
@@ -353,17 +363,226 @@ def test_exclusive_blocks_readers_in_rollback_journal_mode(sqlite_path: Path) ->
 
 
 def test_execution_option_overrides_begin_mode(sqlite_path: Path) -> None:
-    engine = make(sqlite_path)
+    engine = make(sqlite_path, begin_mode="immediate")
     seed(engine)
     readers = sessionmaker(engine.execution_options(sqlite_begin_mode="deferred"))
     with readers() as session:
         session.get(Counter, 1)
         assert write_lock_free(sqlite_path)
-    writers = sessionmaker(make(sqlite_path, begin_mode="deferred"))
+    writers = sessionmaker(make(sqlite_path))
     with writers() as session:
         session.connection(execution_options={"sqlite_begin_mode": "immediate"})
         session.get(Counter, 1)
         assert not write_lock_free(sqlite_path)
+    engine.dispose()
+
+
+def test_transaction_without_statements_takes_no_lock(sqlite_path: Path) -> None:
+    engine = make(sqlite_path, begin_mode="exclusive")
+    seed(engine)
+    with engine.connect() as conn:
+        conn.begin()
+        assert write_lock_free(sqlite_path)
+        conn.exec_driver_sql("SELECT 1")
+        assert not write_lock_free(sqlite_path)
+        conn.commit()
+    assert write_lock_free(sqlite_path)
+    engine.dispose()
+
+
+def test_locking_read_first_takes_write_lock(sqlite_path: Path) -> None:
+    engine = make(sqlite_path)
+    seed(engine)
+    Session = sessionmaker(engine)
+    with Session() as session:
+        session.get(Counter, 1, with_for_update=True)
+        assert not write_lock_free(sqlite_path)
+    assert write_lock_free(sqlite_path)
+    with Session() as session:
+        session.scalars(select(Counter).with_for_update()).all()
+        assert not write_lock_free(sqlite_path)
+        session.commit()
+    # Only the first statement chooses: a locking read after a plain one
+    # cannot move the snapshot the transaction already reads.
+    with Session() as session:
+        session.get(Counter, 1)
+        session.scalars(select(Counter).with_for_update()).all()
+        assert write_lock_free(sqlite_path)
+    engine.dispose()
+
+
+def test_reader_proceeds_while_writer_holds_write_lock(sqlite_path: Path) -> None:
+    """G8 with real threads: a read-only session completes beside an open writer."""
+    engine = make(sqlite_path)
+    seed(engine, value=1)
+    Session = sessionmaker(engine)
+    locked, release = threading.Event(), threading.Event()
+    seen_in_writer: list[bool] = []
+
+    def bump(session: Any) -> None:
+        counter = session.get(Counter, 1)
+        # run_in_transaction took the write lock at its first read.
+        seen_in_writer.append(write_lock_free(sqlite_path))
+        counter.value += 1
+        session.flush()
+        locked.set()
+        release.wait()
+
+    writer = threading.Thread(target=run_in_transaction, args=(Session, bump))
+    writer.start()
+    try:
+        assert locked.wait(30)
+        # The writer holds the write lock, with an uncommitted change, until
+        # release is set: this read must not wait for it.
+        with Session() as session:
+            assert session.scalar(select(Counter.value)) == 1
+        assert writer.is_alive() and not release.is_set()
+    finally:
+        release.set()
+        writer.join()
+    assert seen_in_writer == [False]
+    with Session() as session:
+        assert session.scalar(select(Counter.value)) == 2
+    engine.dispose()
+
+
+def _hammer(
+    threads: int, per_thread: int, unit: Any, readers: int = 0, read: Any = None
+) -> tuple[int, list[BaseException]]:
+    """Run ``unit`` per_thread times in each of ``threads`` threads; count successes."""
+    successes: list[int] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def work() -> None:
+        for _ in range(per_thread):
+            try:
+                unit()
+            except Exception as error:  # reported by the caller, with the count
+                errors.append(error)
+            else:
+                successes.append(1)
+
+    def reader() -> None:
+        while not done.is_set():
+            read()
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    reading = [threading.Thread(target=reader) for _ in range(readers)]
+    for thread in workers + reading:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    done.set()
+    for thread in reading:
+        thread.join()
+    return len(successes), errors
+
+
+def test_run_in_transaction_under_contention_loses_nothing(sqlite_path: Path) -> None:
+    engine = make(sqlite_path)
+    seed(engine)
+    Session = sessionmaker(engine)
+
+    def bump(session: Any) -> None:
+        counter = session.get(Counter, 1)
+        counter.value += 1
+
+    def read() -> None:
+        with Session() as session:
+            session.get(Counter, 1)
+
+    ok, errors = _hammer(8, 40, lambda: run_in_transaction(Session, bump), readers=4, read=read)
+    assert errors == []
+    with Session() as session:
+        assert session.scalar(select(Counter.value)) == ok == 8 * 40
+    engine.dispose()
+
+
+def test_locking_read_under_contention_loses_nothing(sqlite_path: Path) -> None:
+    engine = make(sqlite_path)
+    seed(engine)
+    Session = sessionmaker(engine)
+
+    def unit() -> None:
+        with Session.begin() as session:
+            counter = session.get(Counter, 1, with_for_update=True)
+            assert counter is not None
+            counter.value += 1
+
+    ok, errors = _hammer(8, 40, unit)
+    assert errors == []
+    with Session() as session:
+        assert session.scalar(select(Counter.value)) == ok == 8 * 40
+    engine.dispose()
+
+
+def test_plain_read_then_write_under_contention_never_loses_an_update(sqlite_path: Path) -> None:
+    """Without run_in_transaction: each unit commits its increment or raises, clearly."""
+    engine = make(sqlite_path)
+    seed(engine)
+    Session = sessionmaker(engine)
+
+    def unit() -> None:
+        with Session.begin() as session:
+            counter = session.get(Counter, 1)
+            assert counter is not None
+            counter.value += 1
+
+    ok, errors = _hammer(8, 40, unit)
+    for error in errors:
+        assert isinstance(error, sqlalchemy.exc.OperationalError), error
+        assert "began DEFERRED and read before writing" in str(error)
+        assert transient_reason(error) == "sqlite busy"
+    with Session() as session:
+        assert session.scalar(select(Counter.value)) == ok
+    assert ok + len(errors) == 8 * 40
+    engine.dispose()
+
+
+def test_plain_read_then_write_after_a_commit_raises_clear_error(sqlite_path: Path) -> None:
+    engine = make(sqlite_path)
+    seed(engine, value=10)
+    Session = sessionmaker(engine)
+    with Session() as session:
+        counter = session.get(Counter, 1)
+        assert counter is not None
+        other = sqlite3.connect(sqlite_path, isolation_level=None)
+        other.execute("UPDATE counter SET value = 20")
+        other.close()
+        counter.value += 1  # computed from 10, which is no longer the value
+        with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+            session.commit()
+        message = str(caught.value)
+        assert "began DEFERRED and read before writing" in message
+        assert "run_in_transaction" in message
+    with Session() as session:
+        assert session.scalar(select(Counter.value)) == 20
+    engine.dispose()
+
+
+def test_write_first_waits_for_the_lock_and_takes_no_hint(sqlite_path: Path) -> None:
+    engine = make(sqlite_path, **{"pragma.busy_timeout": "0"})
+    seed(engine)
+    holder = sqlite3.connect(sqlite_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+                conn.exec_driver_sql("UPDATE counter SET value = 1")
+            assert "read before writing" not in str(caught.value)
+        with engine.connect() as conn:
+            conn = conn.execution_options(sqlite_begin_mode="immediate")
+            with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+                conn.exec_driver_sql("SELECT 1")
+            assert "BEGIN IMMEDIATE issued before this statement" in str(caught.value)
+            conn.rollback()
+            holder.execute("ROLLBACK")
+            # The failed BEGIN is tried again by the next statement.
+            conn.exec_driver_sql("SELECT 1")
+            assert not write_lock_free(sqlite_path)
+    finally:
+        holder.close()
     engine.dispose()
 
 
@@ -375,13 +594,14 @@ def test_execution_option_overrides_begin_mode(sqlite_path: Path) -> None:
 def test_skip_autocommit_rollback_cannot_leak_begin(sqlite_path: Path) -> None:
     # pysqlite reports isolation_level=None as autocommit, so with this flag
     # SQLAlchemy skips the DBAPI rollback; the BEGIN IMMEDIATE must not stay open.
-    engine = make(sqlite_path, skip_autocommit_rollback="true")
+    engine = make(sqlite_path, skip_autocommit_rollback="true", begin_mode="immediate")
     seed(engine)
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
     assert write_lock_free(sqlite_path)
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
+        assert not write_lock_free(sqlite_path)
         conn.rollback()
         assert write_lock_free(sqlite_path)
         # ...and the connection can begin again.
@@ -394,7 +614,7 @@ def test_skip_autocommit_rollback_cannot_leak_begin(sqlite_path: Path) -> None:
 
 
 def test_autocommit_isolation_issues_no_begin(sqlite_path: Path) -> None:
-    engine = make(sqlite_path)
+    engine = make(sqlite_path, begin_mode="immediate")
     seed(engine)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("UPDATE counter SET value = 7")
@@ -429,67 +649,34 @@ def test_savepoint_and_transactional_ddl(sqlite_path: Path) -> None:
             ).scalar()
             == 0
         )
-    engine.dispose()
-
-
-def test_threaded_read_modify_write_loses_nothing(sqlite_path: Path) -> None:
-    engine = make(sqlite_path)
-    seed(engine)
-    Session = sessionmaker(engine)
-    threads, per_thread = 8, 40
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        for _ in range(per_thread):
-            try:
-                with Session.begin() as session:
-                    counter = session.get(Counter, 1)
-                    assert counter is not None
-                    counter.value += 1
-            except BaseException as error:  # reported below, with the count
-                errors.append(error)
-
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert errors == []
-    with Session() as session:
-        assert session.scalar(select(Counter.value)) == threads * per_thread
+        # A savepoint as the transaction's first statement.
+        with conn.begin_nested():
+            conn.exec_driver_sql("UPDATE counter SET value = 2")
+        conn.commit()
+        assert conn.exec_driver_sql("SELECT value FROM counter").scalar() == 2
     engine.dispose()
 
 
 def test_plain_create_engine_loses_updates_in_same_workload(sqlite_path: Path) -> None:
-    """The workload above is a real test: with SQLAlchemy's defaults it loses updates.
+    """The workloads above are real tests: with SQLAlchemy's defaults updates get lost.
 
     Whether a given run loses any depends on scheduling, so this only checks
     that the defaults never do better than the count (and the tuned engine
-    test checks equality).
+    tests check equality).
     """
     engine = create_engine(f"sqlite:///{sqlite_path}")
     seed(engine)
     Session = sessionmaker(engine)
-    done: list[int] = []
 
-    def work() -> None:
-        for _ in range(20):
-            try:
-                with Session.begin() as session:
-                    counter = session.get(Counter, 1)
-                    assert counter is not None
-                    counter.value += 1
-                done.append(1)
-            except Exception:
-                pass
+    def unit() -> None:
+        with Session.begin() as session:
+            counter = session.get(Counter, 1)
+            assert counter is not None
+            counter.value += 1
 
-    workers = [threading.Thread(target=work) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    ok, _ = _hammer(4, 20, unit)
     with Session() as session:
-        assert (session.scalar(select(Counter.value)) or 0) <= len(done)
+        assert (session.scalar(select(Counter.value)) or 0) <= ok
     engine.dispose()
 
 
@@ -507,6 +694,10 @@ def test_async_engine_pragmas_and_begin(sqlite_path: Path) -> None:
             assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 5000
             await conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
         async with engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT count(*) FROM t")
+            assert write_lock_free(sqlite_path)
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(sqlite_begin_mode="immediate")
             await conn.exec_driver_sql("SELECT count(*) FROM t")
             assert not write_lock_free(sqlite_path)
         assert write_lock_free(sqlite_path)

@@ -185,7 +185,15 @@ def test_stale_snapshot_write_is_retried(sqlite_path: Path) -> None:
             "sqlalchemy.begin_mode": "deferred",
         }
     )
-    factory = seeded(engine)
+    seeded_factory = seeded(engine)
+
+    def factory() -> Session:
+        # A session already in its (deferred) transaction when the helper
+        # gets it: the helper cannot make that one begin IMMEDIATE.
+        session = seeded_factory()
+        session.connection()
+        return session
+
     seen: list[BaseException] = []
 
     def unit(session: Session) -> int:
