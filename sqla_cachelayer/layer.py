@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from time import perf_counter
 from typing import Any, Literal, TypeVar, overload
 
@@ -69,9 +69,29 @@ from .records import (
     restore_unique_requirement,
 )
 from .records import result_from_record as _result_from_record
-from .settings import EMBEDDED_BACKEND, RegionSettings, build_region, parse_settings
+from .rows import (
+    FlushRows,
+    Pin,
+    add_extra_keys,
+    any_rows,
+    flushed_names,
+    key_columns,
+    pins_of,
+    spec_of,
+    stamp_names,
+    value_names,
+)
+from .settings import (
+    EMBEDDED_BACKEND,
+    INVALIDATION_MODES,
+    RegionSettings,
+    build_region,
+    parse_settings,
+)
 from .stats import Stats
 from .tracking import (
+    _flush_rows,
+    add_written,
     collecting,
     current_collector,
     unwatch_engine,
@@ -145,13 +165,17 @@ class _Shape:
     whole (each a single atomic store), never mutated.
     """
 
-    __slots__ = ("digest", "metadata", "tables")
+    __slots__ = ("digest", "metadata", "pins", "tables")
 
     def __init__(self, digest: str) -> None:
         #: the structure's stable digest (keys.structure_digest)
         self.digest = digest
-        #: the tables its result read, as recorded on a miss
+        #: its dependency spec, as recorded on a miss: the tables its result
+        #: read and, with row-level invalidation, the values it pins
+        #: (:func:`sqla_cachelayer.rows.spec_of`)
         self.tables: tuple[str, ...] | None = None
+        #: row-level invalidation: the tables its own SELECT pins to values
+        self.pins: dict[str, Pin] | None = None
         #: its full result metadata (a pickled record's loses the ORM's lookup extras)
         self.metadata: Any = None
 
@@ -213,6 +237,8 @@ class CacheLayer:
         breaker_reset_seconds: float = 5.0,
         signing_key: str | bytes | None = None,
         shape_memo_size: int = 2000,
+        invalidation: str = "row",
+        table_keys: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         if regions is None:
             regions = {
@@ -242,7 +268,18 @@ class CacheLayer:
                     key=f"regions.{name}",
                     value=region,
                 )
+        if invalidation not in INVALIDATION_MODES:
+            raise ConfigurationError(
+                f"invalidation: expected 'row' or 'table', got {invalidation!r}",
+                key="invalidation",
+                value=invalidation,
+            )
         self.default_region = default_region
+        #: ``row`` (results depend on the values they pin) or ``table``
+        self.invalidation = invalidation
+        self._rows = invalidation == "row"
+        if table_keys:
+            add_extra_keys(table_keys)
         self.cache_all = bool(cache_all)
         self.namespace = namespace
         self.breaker_reset_seconds = float(breaker_reset_seconds)
@@ -304,6 +341,8 @@ class CacheLayer:
             "namespace": parsed.namespace,
             "breaker_reset_seconds": parsed.breaker_reset_seconds,
             "signing_key": parsed.signing_key,
+            "invalidation": parsed.invalidation,
+            "table_keys": parsed.table_keys,
         }
         options.update(kwargs)
         return cls(regions, **options)
@@ -347,10 +386,16 @@ class CacheLayer:
     def _listen(self, target: Any) -> None:
         event.listen(target, "do_orm_execute", self._do_orm_execute, retval=True)
         event.listen(target, "after_begin", self._after_begin)
+        if self._rows:
+            event.listen(target, "before_flush", self._before_flush)
+            event.listen(target, "after_flush", self._after_flush)
 
     def _unlisten(self, target: Any) -> None:
         event.remove(target, "do_orm_execute", self._do_orm_execute)
         event.remove(target, "after_begin", self._after_begin)
+        if self._rows:
+            event.remove(target, "before_flush", self._before_flush)
+            event.remove(target, "after_flush", self._after_flush)
 
     @staticmethod
     def _events_target(target: Any) -> Any:
@@ -525,20 +570,69 @@ class CacheLayer:
             shape.digest,
         )
 
-    def invalidate(self, *targets: Any) -> None:
+    def invalidate(self, *targets: Any, **values: Any) -> None:
         """Make every cached result that read these tables unreachable.
 
         ``targets`` are mapped classes, ``Table`` objects or table names::
 
             layer.invalidate(User, "audit_log")
 
-        The stamps live in the backend, so every process sharing it is affected.
+        The row form names one mapped class or ``Table`` and column values
+        (a list or tuple for several values of one column): every cached
+        result that could contain a row with those values becomes unreachable,
+        and every result of that table that does not depend on values::
+
+            layer.invalidate(Item, category_id=3)
+            layer.invalidate(items_table, id=[7, 8])
+
+        A column the table does not have raises
+        :class:`~sqla_cachelayer.ConfigurationError` naming it. The stamps live
+        in the backend, so every process sharing it is affected.
         """
         names: set[str] = set()
-        for target in targets:
-            names.update(self._table_names(target))
+        if values:
+            if len(targets) != 1:
+                raise TypeError("invalidate(target, column=value): exactly one class or Table")
+            names.update(self._value_names(targets[0], values))
+        else:
+            for target in targets:
+                for name in self._table_names(target):
+                    names.update((name, any_rows(name)))
         if names:
             self._bump(frozenset(names), cause="manual")
+
+    def _value_names(self, target: Any, values: Mapping[str, Any]) -> set[str]:
+        from .tracking import table_name
+
+        if isinstance(target, Table):
+            tables = [target]
+        else:
+            try:
+                tables = [t for t in inspect(target).mapper.tables if isinstance(t, Table)]
+            except Exception:
+                raise TypeError(
+                    f"invalidate(target, column=value) takes a mapped class or a Table; "
+                    f"got {target!r}"
+                ) from None
+        names: set[str] = set()
+        for column, value in values.items():
+            table = next((t for t in tables if column in t.columns), None)
+            if table is None:
+                raise ConfigurationError(
+                    f"invalidate(): {target!r} has no column {column!r}",
+                    key=column,
+                    value=value,
+                )
+            tname = table_name(table)
+            names.add(tname)  # the results that depend on the whole table
+            kind = key_columns(table).get(table.columns[column].name)
+            many = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            found = None if kind is None else value_names(tname, column.lower(), kind, many)
+            if found is None:
+                names.add(any_rows(tname))  # not a key column: every result of the table
+            else:
+                names.update(found)
+        return names
 
     def invalidate_all(self) -> None:
         """Make every cached result of this layer unreachable, in every process."""
@@ -900,8 +994,8 @@ class CacheLayer:
 
         fills = rs.fills
         try:
-            found = rs.store.lookup(key, tables if tables is not None else _ALL_ONLY)
-            result = self._try_hit(orm_context, hint, shape, found, tables)
+            found = rs.store.lookup(key, self._stamp_names(tables, ck, orm_context.parameters))
+            result = self._try_hit(orm_context, hint, shape, found, tables, ck)
         except Exception as err:
             self._backend_error(rs, "lookup", err)
             self._bypass(rs, "backend_error", orm_context)
@@ -912,7 +1006,18 @@ class CacheLayer:
             if self._listeners:
                 self._emit("hit", rs, shape.digest, elapsed)
             return result
-        return self._miss(orm_context, hint, key, shape, bind, found, written, fills, started)
+        return self._miss(orm_context, hint, key, shape, bind, found, written, fills, started, ck)
+
+    def _stamp_names(
+        self, spec: tuple[str, ...] | None, ck: Any, execute_params: Any
+    ) -> tuple[str, ...]:
+        """The stamps one execution reads: its spec's, with pinned values in
+        place of their tables (row-level invalidation)."""
+        if spec is None:
+            return _ALL_ONLY
+        if not self._rows:
+            return spec
+        return stamp_names(spec, ck.bindparams, getattr(ck, "params", None), execute_params)
 
     def _try_hit(
         self,
@@ -921,6 +1026,7 @@ class CacheLayer:
         shape: _Shape,
         found: Lookup,
         tables: tuple[str, ...] | None,
+        ck: Any,
     ) -> Any:
         """The result the entry in ``found`` answers, or None if there is none
         or it may not be served (invalidated, expired, unreadable)."""
@@ -949,7 +1055,9 @@ class CacheLayer:
                 return None
         if tables is not record.tables and tables != record.tables:
             # first sight of this statement in this process: read its stamps
-            found = rs.store.lookup(None, record.tables)
+            found = rs.store.lookup(
+                None, self._stamp_names(record.tables, ck, orm_context.parameters)
+            )
             shape.tables = record.tables
         bound = record.seq
         for stamp in found.stamps:
@@ -990,6 +1098,7 @@ class CacheLayer:
         written: set[str] | None,
         fills: int,
         started: float,
+        ck: Any,
     ) -> Any:
         rs = hint.region
         stats = self._stats
@@ -1021,11 +1130,13 @@ class CacheLayer:
                 # the lookup, or one by another process, can have landed
                 try:
                     tables = shape.tables
-                    again = rs.store.lookup(key, tables if tables is not None else _ALL_ONLY)
+                    again = rs.store.lookup(
+                        key, self._stamp_names(tables, ck, orm_context.parameters)
+                    )
                     if again.payload is not None and again.payload == found.payload:
                         hit = None  # the entry already refused: stamps and age only grow
                     else:
-                        hit = self._try_hit(orm_context, hint, shape, again, tables)
+                        hit = self._try_hit(orm_context, hint, shape, again, tables, ck)
                 except Exception as err:
                     self._backend_error(rs, "lookup", err)
                     self._bypass(rs, "backend_error", orm_context)
@@ -1072,6 +1183,7 @@ class CacheLayer:
                 seq_now,
                 collector,
                 written,
+                ck,
             )
             result = restore_unique_requirement(frozen())
             elapsed = perf_counter() - started
@@ -1103,13 +1215,14 @@ class CacheLayer:
         seq_now: int,
         collector: Any,
         written: set[str] | None,
+        ck: Any,
     ) -> bool:
         """Publish a miss's result if it may be; True if it was written."""
         stats = self._stats
         if collector.wrote:
             self._not_stored(rs, "wrote_while_reading", shape)
             return False
-        tables = tuple(sorted(collector.tables | {ALL_TABLES}))
+        tables = self._spec(shape, collector)
         # G2 with the tables actually read: ``written`` is what this transaction
         # had written before the query; anything written since is collector.wrote
         if written and (ANY_TABLE in tables or not written.isdisjoint(tables)):
@@ -1130,12 +1243,13 @@ class CacheLayer:
             self._not_stored(rs, f"not_recordable: {err}", shape)
             return False
         shape.metadata = frozen.metadata
+        names = self._stamp_names(tables, ck, orm_context.parameters)
         try:
-            stamps = rs.store.lookup(None, tables).stamps
+            stamps = rs.store.lookup(None, names).stamps
             if None in stamps:
-                missing = [t for t, s in zip(tables, stamps, strict=True) if s is None]
+                missing = [t for t, s in zip(names, stamps, strict=True) if s is None]
                 rs.store.ensure(missing, seq_now)
-                stamps = rs.store.lookup(None, tables).stamps
+                stamps = rs.store.lookup(None, names).stamps
             for stamp in stamps:
                 if stamp is None or stamp > snapshot_seq:
                     # a commit the snapshot may not include touched these tables
@@ -1149,6 +1263,55 @@ class CacheLayer:
         rs.fills += 1  # a change detector only: a lost increment under a race still changes it
         stats.incr("stores", 1, rs.index)
         return True
+
+    def _spec(self, shape: _Shape, collector: Any) -> tuple[str, ...]:
+        """The dependency spec of a result, from what its miss read."""
+        read = collector.tables | {ALL_TABLES}
+        if not self._rows or collector.main is None:
+            return tuple(sorted(read))
+        pins = shape.pins
+        if pins is None:
+            try:
+                pins = pins_of(collector.main)
+            except Exception:  # a construct the analysis does not know: whole tables
+                log.debug("sqla_cachelayer: no row-level pins for a statement", exc_info=True)
+                pins = {}
+            shape.pins = pins
+        # a table an eager load (or any other statement of the miss) read too
+        # depends as a whole: its rows there are not the pinned ones
+        others = collector.others
+        return spec_of(read, [p for t, p in pins.items() if t not in others])
+
+    # ------------------------------------------------------------------
+    # row-level invalidation: the rows a flush wrote
+
+    def _before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        _flush_rows.set(FlushRows(session))
+
+    def _after_flush(self, session: Session, flush_context: Any) -> None:
+        """Add the value stamps of the rows this flush wrote to the write set of
+        the session's transaction; ``<t>!`` for a table whose rows it cannot
+        all tell (an old key value never loaded, statements the ORM's own
+        accounting does not explain)."""
+        record = _flush_rows.get()
+        if record is None or record.session is not session:
+            return
+        _flush_rows.set(None)
+        expected, names, unknown = flushed_names(
+            list(session._new),
+            list(session.identity_map._modified),
+            list(session._deleted),
+        )
+        unknown |= record.unknown
+        for table, count in record.rows.items():
+            if expected.get(table) != count:
+                unknown.add(table)
+        names.update(any_rows(t) for t in unknown)
+        tx = session.get_transaction()
+        if tx is None or not names:
+            return
+        for entry in list(tx._connections.values()):
+            add_written(entry[0], names)
 
     # ------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -32,7 +32,10 @@ _LAYER_KEYS = {
     "namespace",
     "breaker_reset_seconds",
     "signing_key",
+    "invalidation",
 }
+#: ``cachelayer.invalidation`` values
+INVALIDATION_MODES = ("row", "table")
 
 
 def bad_setting(key: str, value: Any, why: str) -> ConfigurationError:
@@ -96,6 +99,8 @@ class LayerSettings:
     namespace: str = "scl"
     breaker_reset_seconds: float = 5.0
     signing_key: str | None = None
+    invalidation: str = "row"
+    table_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> LayerSettings:
@@ -103,6 +108,8 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
     regions: dict[str, RegionSettings] = {}
     layer: dict[str, Any] = {}
     region_prefix = prefix + "regions."
+    tables_prefix = prefix + "tables."
+    table_keys: dict[str, tuple[str, ...]] = {}
     for full_key, value in settings.items():
         if not isinstance(full_key, str) or not full_key.startswith(prefix):
             continue
@@ -131,19 +138,33 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
                     f"unknown region setting {option!r} "
                     "(known: backend, expiration_time, arguments.<name>)",
                 )
+        elif full_key.startswith(tables_prefix):
+            table, _, option = full_key[len(tables_prefix) :].rpartition(".")
+            if option != "keys" or not table:
+                raise bad_setting(full_key, value, f"expected {tables_prefix}<table>.keys")
+            columns = tuple(c.strip() for c in str(value or "").split(",") if c.strip())
+            if any(not c.replace("_", "").isalnum() for c in columns):
+                raise bad_setting(full_key, value, "expected column names, comma-separated")
+            table_keys[table] = columns
         elif rest in _LAYER_KEYS:
             layer[rest] = (full_key, value)
         else:
             raise bad_setting(
                 full_key,
                 value,
-                f"unknown setting (known: {prefix}regions.<name>.*, "
+                f"unknown setting (known: {prefix}regions.<name>.*, {prefix}tables.<table>.keys, "
                 + ", ".join(prefix + k for k in sorted(_LAYER_KEYS))
                 + ")",
             )
     if not regions:
         regions["default"] = RegionSettings(name="default")
-    result = LayerSettings(regions=regions)
+    result = LayerSettings(regions=regions, table_keys=table_keys)
+    if "invalidation" in layer:
+        key, value = layer["invalidation"]
+        mode = str(value).strip().lower()
+        if mode not in INVALIDATION_MODES:
+            raise bad_setting(key, value, "expected 'row' or 'table'")
+        result.invalidation = mode
     if "default_region" in layer:
         key, value = layer["default_region"]
         name = str(value).strip()

@@ -40,6 +40,7 @@ from sqlalchemy.sql.selectable import TableClause
 
 from .invalidation import ALL_TABLES, ANY_TABLE
 from .keys import BoundedMemo
+from .rows import FlushRows, any_rows
 
 __all__ = ["ReadCollector", "collecting", "watch_engine"]
 
@@ -126,7 +127,11 @@ class _CascadeIndex:
             return names
         out = set(names)
         for name in names:
-            out |= index.get(name, frozenset())
+            for other in index.get(name, ()):
+                if other != name:
+                    # rows the database changed by itself: not known
+                    out.add(other)
+                    out.add(any_rows(other))
         return frozenset(out)
 
 
@@ -398,13 +403,20 @@ def _ddl_writes(compiled: Any) -> frozenset[str]:
 
 
 class ReadCollector:
-    """Tables read while one cache miss runs; flags writes seen meanwhile."""
+    """Tables read while one cache miss runs; flags writes seen meanwhile.
 
-    __slots__ = ("tables", "wrote")
+    ``main`` is the compiled form of the miss's own statement (the first SELECT
+    it runs), ``others`` the tables read by the rest (eager loads): row-level
+    invalidation pins only tables that the main statement alone reads.
+    """
+
+    __slots__ = ("main", "others", "tables", "wrote")
 
     def __init__(self) -> None:
         self.tables: set[str] = set()
         self.wrote = False
+        self.main: Any = None
+        self.others: set[str] = set()
 
 
 _collector: ContextVar[ReadCollector | None] = ContextVar("sqla_cachelayer_collector", default=None)
@@ -424,6 +436,36 @@ class collecting:
 
     def __exit__(self, *exc: object) -> None:
         _collector.reset(self._token)
+
+
+#: The rows of the installed session's flush running in this context (row-level
+#: invalidation), or None; set and reset by the layer's flush hooks.
+_flush_rows: ContextVar[FlushRows | None] = ContextVar("sqla_cachelayer_flush", default=None)
+_COUNTED = "_sqla_cachelayer_counted"
+
+_any_rows_memo: BoundedMemo[frozenset[str], frozenset[str]] = BoundedMemo(5000)
+
+
+def _with_any_rows(names: frozenset[str]) -> frozenset[str]:
+    """Written tables whose rows are not known: each one's ``<t>!`` stamp too."""
+    if not names:
+        return names
+    found = _any_rows_memo.get(names)
+    if found is None:
+        found = names | {any_rows(n) for n in names if not n.startswith("*")}
+        _any_rows_memo.put(names, found)
+    return found
+
+
+def add_written(conn: Connection, names: Iterable[str]) -> None:
+    """Add stamp names to what this connection's transaction wrote."""
+    info = _info_of(conn)
+    if info is None:
+        return
+    pending = info.get(_WRITTEN)
+    if pending is None:
+        info[_WRITTEN] = pending = set()
+    pending.update(names)
 
 
 #: The collector of the miss being filled in this context, or None (eager loads
@@ -482,18 +524,40 @@ class _EngineWatch:
         collector = _collector.get()
         if compiled is None or _is_textual(compiled):
             written, reads = _textual(statement)
+            written = _with_any_rows(written)
             if collector is not None and reads:
                 collector.tables.add(ANY_TABLE)
+                collector.others.add(ANY_TABLE)
         elif context.isinsert or context.isupdate or context.isdelete:
             written = _writes_of(compiled)
+            flush = _flush_rows.get()
+            if (
+                flush is None
+                or not flush.active()
+                or context.execution_options.get("compiled_cache") is None
+                or context.root_connection._is_autocommit_isolation()
+            ):
+                written = _with_any_rows(written)
+            elif not getattr(context, _COUNTED, False):
+                # a statement of an installed session's flush: the ORM knows its
+                # rows; count them, so the layer can check it knows them all
+                setattr(context, _COUNTED, True)  # insertmanyvalues: one context, many calls
+                count = len(context.compiled_parameters or ()) or 1
+                for name in written:
+                    flush.rows[name] = flush.rows.get(name, 0) + count
         elif context.isddl:
-            written = _ddl_writes(compiled)
+            written = _with_any_rows(_ddl_writes(compiled))
         else:
             if collector is not None:
-                collector.tables.update(_reads_of(compiled))
+                read = _reads_of(compiled)
+                collector.tables.update(read)
+                if collector.main is None:
+                    collector.main = compiled
+                else:
+                    collector.others.update(read)
             if not compiled.ctes:
                 return False
-            written = _cte_writes_of(compiled)
+            written = _with_any_rows(_cte_writes_of(compiled))
         if not written:
             return False
         if collector is not None:

@@ -1,0 +1,499 @@
+"""Row-level invalidation: a write invalidates only the results that could contain
+its rows; never a stale answer, checked against the database itself."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    ForeignKey,
+    String,
+    create_engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
+
+import sqla_cachelayer as scl
+from sqla_cachelayer import NoCache
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Category(Base):
+    __tablename__ = "categories"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+    items: Mapped[list[Item]] = relationship(back_populates="category", order_by="Item.id")
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id"), index=True)
+    sku: Mapped[str] = mapped_column(String(20), unique=True)
+    price: Mapped[int] = mapped_column(default=0)
+    label: Mapped[str] = mapped_column(String(40), default="")
+    category: Mapped[Category] = relationship(back_populates="items")
+
+
+CATEGORIES = 6
+ITEMS = 60
+
+
+@pytest.fixture
+def shop(tmp_path: Any, request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    engines: list[Any] = []
+
+    def build(region: Any = None, **layer_kw: Any) -> tuple[Any, Any, Any]:
+        path = tmp_path / f"shop{len(engines)}.sqlite"
+        engine = create_engine(f"sqlite:///{path}")
+        engines.append(engine)
+        Base.metadata.create_all(engine)
+        with sessionmaker(engine)() as s:
+            s.add_all(Category(id=c, name=f"c{c}") for c in range(1, CATEGORIES + 1))
+            s.add_all(
+                Item(id=i, category_id=i % CATEGORIES + 1, sku=f"SKU-{i}", price=i)
+                for i in range(1, ITEMS + 1)
+            )
+            s.commit()
+        regions = {"default": region} if region is not None else None
+        layer = scl.CacheLayer(regions, cache_all=True, **layer_kw)
+        Session = layer.install(sessionmaker(engine))
+        return engine, layer, Session
+
+    yield build
+    for engine in engines:
+        engine.dispose()
+
+
+def _ids(Session: Any, stmt: Any) -> list[Any]:
+    with Session() as s:
+        return [tuple(r) for r in s.execute(stmt).all()]
+
+
+def _hit(layer: Any, Session: Any, stmt: Any) -> bool:
+    hits = layer.stats()["hits"]
+    _ids(Session, stmt)
+    return bool(layer.stats()["hits"] == hits + 1)
+
+
+LIST = select(Item.id, Item.price).order_by(Item.id)
+
+
+def in_category(c: int) -> Any:
+    return LIST.where(Item.category_id == c)
+
+
+def test_updating_one_item_leaves_other_categories_cached(shop: Any) -> None:
+    _engine, layer, Session = shop()
+    # item 3 is in category 4, item 4 in category 5
+    three, four, five = in_category(3), in_category(4), in_category(5)
+    for stmt in (three, four, five, select(Item).where(Item.id == 9)):
+        _ids(Session, stmt)
+    with Session() as s:
+        s.get(Item, 3).price = 1000  # category 4
+        s.commit()
+    assert _hit(layer, Session, three), "category 3 holds no changed row"
+    assert _hit(layer, Session, five)
+    assert _hit(layer, Session, select(Item).where(Item.id == 9))
+    assert not _hit(layer, Session, four), "category 4 holds the changed row"
+    assert (3, 1000) in _ids(Session, four)
+
+
+def test_moving_an_item_refreshes_both_categories(shop: Any) -> None:
+    _engine, layer, Session = shop()
+    four, five, six = in_category(4), in_category(5), in_category(6)
+    for stmt in (four, five, six):
+        _ids(Session, stmt)
+    with Session() as s:
+        s.get(Item, 3).category_id = 5  # from category 4 to 5
+        s.commit()
+    assert not _hit(layer, Session, four)
+    assert not _hit(layer, Session, five)
+    assert _hit(layer, Session, six)
+    assert 3 not in [r[0] for r in _ids(Session, four)]
+    assert 3 in [r[0] for r in _ids(Session, five)]
+
+
+def test_an_aggregate_over_the_table_is_refreshed_by_any_write(shop: Any) -> None:
+    _engine, layer, Session = shop()
+    total = select(func.sum(Item.price))
+    count_in_4 = select(func.count()).select_from(Item).where(Item.category_id == 4)
+    before = _ids(Session, total)
+    _ids(Session, count_in_4)
+    with Session() as s:
+        s.get(Item, 2).price += 1  # category 3
+        s.commit()
+    assert _ids(Session, total) == [(before[0][0] + 1,)]
+    assert _hit(layer, Session, count_in_4)
+
+
+def test_inserts_and_deletes_reach_the_lists_they_belong_to(shop: Any) -> None:
+    _engine, layer, Session = shop()
+    four, five = in_category(4), in_category(5)
+    _ids(Session, four)
+    _ids(Session, five)
+    missing = select(Item).where(Item.id == 500)
+    assert _ids(Session, missing) == []
+    with Session() as s:
+        s.add(Item(id=500, category_id=4, sku="NEW", price=5))
+        s.commit()
+    assert (500, 5) in _ids(Session, four)
+    assert len(_ids(Session, missing)) == 1, "a cached 'no row' is refreshed by the insert"
+    assert _hit(layer, Session, five)
+    with Session() as s:
+        s.delete(s.get(Item, 500))
+        s.commit()
+    assert (500, 5) not in _ids(Session, four)
+    assert _hit(layer, Session, five)
+
+
+def test_writes_whose_rows_are_not_known_invalidate_the_table(shop: Any) -> None:
+    _engine, layer, Session = shop()
+    lists = [in_category(c) for c in (3, 4, 5)]
+    for writer in (
+        lambda s: s.execute(update(Item).where(Item.id == 3).values(price=7)),  # ORM bulk
+        lambda s: s.execute(text("UPDATE items SET price = 8 WHERE id = 4")),  # textual
+        lambda s: s.connection().execute(delete(Item.__table__).where(Item.id == 60)),  # Core
+        lambda s: s.execute(insert(Item), [{"id": 700, "category_id": 3, "sku": "X"}]),
+    ):
+        for stmt in lists:
+            _ids(Session, stmt)
+        with Session() as s:
+            writer(s)
+            s.commit()
+        for stmt in lists:
+            assert not _hit(layer, Session, stmt)
+            assert _ids(Session, stmt) == _ids(Session, stmt.options(NoCache()))
+
+
+def test_an_old_value_never_loaded_invalidates_the_table(shop: Any) -> None:
+    _engine, layer, Session = shop()
+    four, five = in_category(4), in_category(5)
+    _ids(Session, four)
+    _ids(Session, five)
+    with Session() as s:
+        item = s.get(Item, 3)
+        s.expire(item, ["category_id"])  # the old category is not known to the ORM
+        item.category_id = 6
+        s.commit()
+    assert not _hit(layer, Session, five), "the old value is unknown: the table moved"
+    assert 3 not in [r[0] for r in _ids(Session, four)]
+
+
+def test_lazy_loads_selectinload_get_params_and_in(shop: Any) -> None:
+    _engine, layer, Session = shop()
+    by_get = lambda: _ids(Session, select(Item.price).where(Item.id == 3))  # noqa: E731
+    with Session() as s:
+        s.get(Item, 3)
+    with Session() as s:
+        cat = s.scalars(
+            select(Category).where(Category.id == 4).options(selectinload(Category.items))
+        ).one()
+        assert 3 in [i.id for i in cat.items]
+    in_list = LIST.where(Item.id.in_([3, 9, 15]))
+    by_params = LIST.where(Item.category_id == 0).params()  # noqa: F841
+    _ids(Session, in_list)
+    by_get()
+    with Session() as s:
+        s.get(Item, 10).price = 99  # category 5: none of the above
+        s.commit()
+    assert _hit(layer, Session, in_list)
+    with Session() as s:
+        s.get(Item, 9).price = 98  # in the IN list
+        s.commit()
+    assert not _hit(layer, Session, in_list)
+    assert (9, 98) in _ids(Session, in_list)
+    with Session() as s:  # Session.get is served from the cache, then refreshed
+        assert s.get(Item, 3).price == 3
+    with Session() as s:
+        s.get(Item, 3).price = 33
+        s.commit()
+    with Session() as s:
+        assert s.get(Item, 3).price == 33
+        cat = s.scalars(
+            select(Category).where(Category.id == 4).options(selectinload(Category.items))
+        ).one()
+        assert [i.price for i in cat.items if i.id == 3] == [33]
+
+
+def test_manual_row_invalidation(shop: Any) -> None:
+    engine, layer, Session = shop()
+    four, five = in_category(4), in_category(5)
+    _ids(Session, four)
+    _ids(Session, five)
+    raw = engine.raw_connection()  # behind the layer's back: a DBAPI cursor
+    try:
+        raw.cursor().execute("UPDATE items SET price = 0 WHERE category_id = 4")
+        raw.commit()
+    finally:
+        raw.close()
+    layer.invalidate(Item, category_id=4)
+    assert _hit(layer, Session, five)
+    assert all(price == 0 for _id, price in _ids(Session, four))
+    with pytest.raises(scl.ConfigurationError) as err:
+        layer.invalidate(Item, colour="red")
+    assert "colour" in str(err.value) and err.value.key == "colour"
+
+
+def test_table_mode_is_table_level(shop: Any) -> None:
+    _engine, layer, Session = shop(invalidation="table")
+    three, four = in_category(3), in_category(4)
+    _ids(Session, three)
+    _ids(Session, four)
+    with Session() as s:
+        s.get(Item, 3).price = 1000  # category 4
+        s.commit()
+    assert not _hit(layer, Session, three), "table mode: every result of the table"
+
+
+def test_settings(tmp_path: Any) -> None:
+    base = {"cachelayer.regions.default.backend": "sqla_cachelayer.memory"}
+    assert scl.CacheLayer.from_settings(base).invalidation == "row"
+    layer = scl.CacheLayer.from_settings({**base, "cachelayer.invalidation": "table"})
+    assert layer.invalidation == "table"
+    with pytest.raises(scl.ConfigurationError) as err:
+        scl.CacheLayer.from_settings({**base, "cachelayer.invalidation": "rows"})
+    assert err.value.key == "cachelayer.invalidation" and err.value.value == "rows"
+    with pytest.raises(scl.ConfigurationError) as err:
+        scl.CacheLayer.from_settings({**base, "cachelayer.tables.items.kyes": "label"})
+    assert err.value.key == "cachelayer.tables.items.kyes"
+
+
+def test_extra_key_columns_from_settings(shop: Any) -> None:
+    from sqla_cachelayer.rows import key_columns
+
+    assert "label" not in key_columns(Item.__table__)
+    _engine, layer, Session = shop(table_keys={"items": ["label"]})
+    assert "label" in key_columns(Item.__table__)
+    tagged = LIST.where(Item.label == "sale")
+    other = LIST.where(Item.label == "new")
+    _ids(Session, tagged)
+    _ids(Session, other)
+    with Session() as s:
+        s.get(Item, 5).label = "sale"
+        s.commit()
+    assert _hit(layer, Session, other)
+    assert (5, 5) in _ids(Session, tagged)
+
+
+# ---------------------------------------------------------------------------
+# the differential test: never a difference from the database
+
+
+def _random_read(rng: random.Random) -> Any:
+    kind = rng.randrange(9)
+    c = rng.randint(1, CATEGORIES)
+    i = rng.randint(1, ITEMS + 20)
+    if kind == 0:
+        return select(Item.id, Item.price, Item.category_id).where(Item.id == i)
+    if kind == 1:
+        return in_category(c)
+    if kind == 2:
+        return LIST.where(Item.id.in_([i, i + 1, rng.randint(1, ITEMS)]))
+    if kind == 3:
+        return LIST.where(Item.price > rng.randint(0, 80))
+    if kind == 4:
+        return select(Item.category_id, func.count(), func.sum(Item.price)).group_by(
+            Item.category_id
+        )
+    if kind == 5:
+        return (
+            select(Category.name, Item.id, Item.price)
+            .join(Item)
+            .where(Category.id == c)
+            .order_by(Item.id)
+        )
+    if kind == 6:
+        return select(Item.id, Item.sku).where(Item.sku == f"SKU-{i}")
+    if kind == 7:
+        return in_category(c).where(Item.price >= 0)
+    return select(func.count()).select_from(Item).where(Item.category_id == c)
+
+
+def _random_write(rng: random.Random, s: Any, new_ids: Iterator[int]) -> None:
+    # mostly ORM writes (rows known: row-level), some whose rows are not known
+    kind = rng.choice((0, 0, 1, 1, 1, 2, 3, 6, 0, 1, 4, 5, 7))
+    i = rng.randint(1, ITEMS)
+    c = rng.randint(1, CATEGORIES)
+    item = s.get(Item, i)
+    if kind == 0 and item is not None:
+        item.price = rng.randint(0, 100)
+    elif kind == 1 and item is not None:
+        item.category_id = c
+    elif kind == 2:
+        s.add(Item(id=next(new_ids), category_id=c, sku=f"N-{rng.random()}", price=1))
+    elif kind == 3 and item is not None:
+        s.delete(item)
+    elif kind == 4:
+        s.execute(update(Item).where(Item.category_id == c).values(price=Item.price + 1))
+    elif kind == 5:
+        s.execute(text(f"UPDATE items SET category_id = {c} WHERE id = {i}"))
+    elif kind == 6 and item is not None:
+        item.sku = f"R-{rng.random()}"
+    elif item is not None:  # ORM bulk UPDATE by primary key
+        s.execute(update(Item), [{"id": i, "price": rng.randint(0, 9)}])
+
+
+def _run_mix(Session: Any, seed: int, operations: int, new_base: int) -> int:
+    rng = random.Random(seed)
+    new_ids = iter(range(new_base, new_base + 10_000))
+    compared = 0
+    for _ in range(operations):
+        if rng.random() < 0.25:
+            with Session() as s:
+                _random_write(rng, s, new_ids)
+                s.commit()
+        else:
+            stmt = _random_read(rng)
+            cached = _ids(Session, stmt)
+            fresh = _ids(Session, stmt.options(NoCache()))
+            assert cached == fresh, f"stale answer for {stmt}"
+            compared += 1
+    return compared
+
+
+BACKENDS = ["dogpile.cache.memory", "sqla_cachelayer.memory", "sqla_cachelayer.sqlite", "redis"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_differential_random_mix(
+    backend: str, shop: Any, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    from conftest import region_for
+
+    name = "dogpile.cache.redis" if backend == "redis" else backend
+    _engine, layer, Session = shop(region=region_for(name, request, tmp_path))
+    compared = _run_mix(Session, seed=11, operations=600, new_base=1000)
+    assert compared > 300
+    assert layer.stats()["hits"] > 30, "the mix must exercise hits, not only misses"
+
+
+def test_differential_random_mix_with_threads(shop: Any) -> None:
+    """Writers and readers in threads: every read, cached or not, is compared
+    with the database *after* it, so a cached answer may only differ where a
+    commit landed in between; a cached answer older than a commit that had
+    returned before the read started is the failure looked for (G1)."""
+    _engine, layer, Session = shop()
+    errors: list[str] = []
+    # units of work begun and ended; a read is judged only when none was in
+    # flight from before it started to after its uncached twin finished
+    state = {"begun": 0, "done": 0}
+    lock = threading.Lock()
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        new_ids = iter(range(5000 + seed * 1000, 6000 + seed * 1000))
+        for _ in range(120):
+            with lock:
+                state["begun"] += 1
+            try:
+                with Session() as s:
+                    _random_write(rng, s, new_ids)
+                    s.commit()
+            except Exception:  # SQLite busy between writers: a write that did not happen
+                pass
+            finally:
+                with lock:
+                    state["done"] += 1
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(300):
+            stmt = _random_read(rng)
+            with lock:
+                before = (state["begun"], state["done"])
+            cached = _ids(Session, stmt)
+            fresh = _ids(Session, stmt.options(NoCache()))
+            with lock:
+                quiet = before[0] == before[1] == state["begun"] == state["done"]
+            if quiet and cached != fresh:
+                errors.append(str(stmt))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    threads += [threading.Thread(target=reader, args=(10 + n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert layer.stats()["hits"] > 0
+
+
+def _process_mix(Session: Any, seed: int, state: Any, lock: Any, out: Any, writes: bool) -> None:
+    rng = random.Random(seed)
+    new_ids = iter(range(20_000 + seed * 1000, 21_000 + seed * 1000))
+    stale = compared = 0
+    for _ in range(250):
+        if writes and rng.random() < 0.3:
+            with lock:
+                state[0] += 1
+            try:
+                with Session() as s:
+                    _random_write(rng, s, new_ids)
+                    s.commit()
+            except Exception:
+                pass
+            finally:
+                with lock:
+                    state[1] += 1
+            continue
+        stmt = _random_read(rng)
+        with lock:
+            before = (state[0], state[1])
+        cached = _ids(Session, stmt)
+        fresh = _ids(Session, stmt.options(NoCache()))
+        with lock:
+            quiet = before[0] == before[1] == state[0] == state[1]
+        if quiet:
+            compared += 1
+            stale += cached != fresh
+    out.put((stale, compared))
+
+
+@pytest.mark.parametrize("backend", ["sqla_cachelayer.sqlite", "redis"])
+def test_differential_random_mix_across_processes(
+    backend: str, shop: Any, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """Forked workers sharing one backend: a writer process and two readers
+    that also write; every quiet read equals the database."""
+    import multiprocessing
+
+    from conftest import region_for
+
+    name = "dogpile.cache.redis" if backend == "redis" else backend
+    _engine, _layer, Session = shop(region=region_for(name, request, tmp_path))
+    ctx = multiprocessing.get_context("fork")
+    state = ctx.Array("q", [0, 0], lock=False)
+    lock = ctx.Lock()
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_mix, args=(Session, n, state, lock, out, n != 2))
+        for n in range(3)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(r[0] for r in results) == 0, results
+    assert sum(r[1] for r in results) > 100, results
