@@ -74,6 +74,7 @@ from .rows import (
     Pin,
     add_extra_keys,
     any_rows,
+    describe,
     flushed_names,
     key_columns,
     pins_of,
@@ -594,6 +595,8 @@ class CacheLayer:
             if len(targets) != 1:
                 raise TypeError("invalidate(target, column=value): exactly one class or Table")
             names.update(self._value_names(targets[0], values))
+            self._bump(frozenset(names), cause="manual", values=dict(values))
+            return
         else:
             for target in targets:
                 for name in self._table_names(target):
@@ -701,13 +704,14 @@ class CacheLayer:
                 error = None
                 if self._listeners:
                     elapsed = time.monotonic() - started
+                    tables_moved, stamps = describe(tables)
                     self._emit(
                         "invalidate",
                         rs,
                         None,
                         elapsed,
-                        tables=sorted(tables),
-                        values=values,
+                        tables=tables_moved,
+                        values=values if values is not None else stamps,
                         cause=cause,
                     )
                 break
@@ -747,7 +751,9 @@ class CacheLayer:
             rs.last_seen = seq
         self._stats.incr("replays", 1, rs.index)
         if self._listeners:
-            self._emit("invalidate", rs, tables=sorted(set(names) - {ANY_TABLE}), cause="replay")
+            self._emit(
+                "invalidate", rs, tables=describe(set(names) - {ANY_TABLE})[0], cause="replay"
+            )
         log.warning(
             "sqla_cachelayer: region %r is back; replayed %d invalidations", rs.name, len(names)
         )

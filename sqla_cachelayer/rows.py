@@ -89,6 +89,20 @@ def any_rows(table: str) -> str:
     return table + "!"
 
 
+def describe(names: Iterable[str]) -> tuple[list[str], list[str] | None]:
+    """The tables an invalidation moved, and its value stamps (None if none),
+    for people: ``(["items"], ["items.category_id#1234"])``."""
+    tables: set[str] = set()
+    values: list[str] = []
+    for name in names:
+        if "#" in name:
+            values.append(name)
+            tables.add(name.rsplit(".", 1)[0])
+        else:
+            tables.add(name.removesuffix("!"))
+    return sorted(tables), sorted(values) or None
+
+
 # --------------------------------------------------------------------------
 # key columns
 
