@@ -14,8 +14,8 @@ class ConfigurationError(ValueError):
         >>> CacheLayer.from_settings({"cachelayer.regions.default.expiration_time": "soon"})
         Traceback (most recent call last):
         ...
-        ConfigurationError: cachelayer.regions.default.expiration_time: expected a number of
-        seconds, got 'soon'
+        sqla_cachelayer.exc.ConfigurationError: cachelayer.regions.default.expiration_time =
+        'soon': expected a number of seconds
     """
 
     def __init__(self, message: str, *, key: str | None = None, value: object = None) -> None:

@@ -20,6 +20,11 @@ Signatures that are not calls, examples that need an outside server or an
 optional package, and output copied from one run of a benchmark are marked
 this way. Blocks in other languages (``ini``, ``sh``, ``text``, ``sql``) are
 not run.
+
+The API reference page (``docs/reference.md``) is made of docstrings: the
+``>>>`` examples of every object it renders run as doctests in the same
+setup, but for those in :data:`DOCSTRING_EXAMPLES_NOT_RUN`, each with its
+reason.
 """
 
 from __future__ import annotations
@@ -146,3 +151,78 @@ def test_a_drifted_example_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(pytest.fail.Exception, match="doctest failed"):
         _run_doctest(doc, namespace)
     namespace["engine"].dispose()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------
+# the API reference: the ``>>>`` examples of the docstrings it shows
+
+REFERENCE = DOCS / "reference.md"
+
+#: docstring examples of the reference that do not run here, and why; the
+#: test below fails once one of them runs, so the list cannot go stale
+DOCSTRING_EXAMPLES_NOT_RUN = {
+    "sqla_cachelayer.engine.async_engine_from_config": "top-level 'async with' (asyncio)",
+    "sqla_cachelayer.retry.run_in_transaction_async": "top-level 'await' (asyncio)",
+    "sqla_cachelayer.retry.run_in_transaction": "illustrative output of an application's data",
+    "sqla_cachelayer.retry.RetryStats": "the example prints the call's result",
+}
+
+
+def reference_doctests() -> list[doctest.DocTest]:
+    """The doctests of every object the reference page renders (``::: name``)."""
+    import importlib
+
+    found: list[doctest.DocTest] = []
+    seen: set[str] = set()
+    for name in re.findall(r"^::: ([\w.]+)", REFERENCE.read_text(), re.MULTILINE):
+        module_name, _, attribute = name.rpartition(".")
+        module = importlib.import_module(module_name)
+        obj = getattr(module, attribute)
+        if not isinstance(obj, type) and not callable(obj):
+            continue  # an instance (retry_stats): its class is documented
+        home = importlib.import_module(obj.__module__)
+        qualified = f"{obj.__module__}.{obj.__qualname__}"
+        for test in doctest.DocTestFinder(exclude_empty=True).find(obj, qualified, module=home):
+            if test.name not in seen:
+                seen.add(test.name)
+                found.append(test)
+    return found
+
+
+def _run_reference_doctest(test: doctest.DocTest) -> tuple[int, str]:
+    from sqlalchemy import text
+
+    import sqla_cachelayer
+
+    public = {name: getattr(sqla_cachelayer, name) for name in sqla_cachelayer.__all__}
+    test.globs = {**test.globs, **public, **docs_namespace(), "text": text}
+    out = io.StringIO()
+    runner = doctest.DocTestRunner(
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    )
+    try:
+        runner.run(test, out=out.write)
+    finally:
+        test.globs.clear()
+    return runner.failures, out.getvalue()
+
+
+def test_reference_docstring_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tests = reference_doctests()
+    assert tests, "the reference renders docstrings with examples"
+    failed = []
+    for number, test in enumerate(tests):
+        folder = tmp_path / str(number)  # each example on a fresh app.db
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        failures, report = _run_reference_doctest(test)
+        if test.name in DOCSTRING_EXAMPLES_NOT_RUN:
+            assert failures, f"{test.name} runs now: take it off DOCSTRING_EXAMPLES_NOT_RUN"
+        elif failures:
+            failed.append(report)
+        engine = test.globs.get("engine")
+        if engine is not None:
+            engine.dispose()
+    assert not failed, "\n".join(failed)
+    missing = set(DOCSTRING_EXAMPLES_NOT_RUN) - {t.name for t in tests}
+    assert not missing, f"no longer on the reference page: {missing}"
