@@ -10,9 +10,11 @@ customer's orders with ``selectinload``, the best-selling products) and about
 
 Every cached read is also run on a session the layer is not installed on, and
 the two answers are compared as plain values (never object identity). The
-report gives the hit ratio, the median latency of a cache hit, a cache miss and
-the uncached query per kind of read, the layer's counters, and whether every
-cached answer equalled the database's. :func:`run_demo` returns the report as a
+report gives, per kind of read, the hit ratio, the median latency of a cache
+hit, a cache miss and the uncached query, and the net effect of the cache: the
+hit and miss medians blended by that kind's own hit ratio, against uncached,
+with the kinds the cache made slower flagged. Then the layer's counters, and
+whether every cached answer equalled the database's. :func:`run_demo` returns the report as a
 :class:`DemoReport`; ``__main__`` prints it and exits 1 on any mismatch.
 
 Each read and its uncached twin run in a fresh session, so the figures include

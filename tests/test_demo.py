@@ -250,3 +250,35 @@ def test_demo_plots_without_matplotlib_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.count("\n") == 1 and "matplotlib is not installed" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_json_report(tmp_path: Path) -> None:
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sqla_cachelayer", "demo", "-n", "200", "--quiet", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["operations"] == 200 and report["all_matched"] is True
+    assert report["reads"] + sum(report["writes"].values()) == 200
+    assert set(report["kinds"]) == {
+        "product_page",
+        "category_listing",
+        "customer_orders",
+        "top_products",
+    }
+    for kind in report["kinds"].values():
+        if kind["reads"]:
+            assert kind["net_speedup"] == pytest.approx(
+                kind["median_uncached_us"] / kind["with_cache_us"]
+            )
+    assert report["slower_kinds"] == sorted(
+        (k for k, v in report["kinds"].items() if v["net_speedup"] and v["net_speedup"] < 1),
+        key=lambda k: report["kinds"][k]["net_speedup"],
+    )
+    assert report["plots"] == []
