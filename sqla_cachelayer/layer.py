@@ -69,30 +69,16 @@ from .records import (
     restore_unique_requirement,
 )
 from .records import result_from_record as _result_from_record
-from .rows import (
-    FlushRows,
-    Pin,
-    add_extra_keys,
-    any_rows,
-    describe,
-    flushed_names,
-    key_columns,
-    pins_of,
-    spec_of,
-    stamp_names,
-    value_names,
-)
+from .rows import Pin, add_extra_keys, describe
 from .settings import (
     EMBEDDED_BACKEND,
-    INVALIDATION_MODES,
     RegionSettings,
     build_region,
     parse_settings,
 )
 from .stats import Stats
+from .strategy import InvalidationStrategy, strategy_for
 from .tracking import (
-    _flush_rows,
-    add_written,
     collecting,
     current_collector,
     unwatch_engine,
@@ -238,7 +224,7 @@ class CacheLayer:
         breaker_reset_seconds: float = 5.0,
         signing_key: str | bytes | None = None,
         shape_memo_size: int = 2000,
-        invalidation: str = "row",
+        invalidation: str | InvalidationStrategy = "row",
         table_keys: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         if regions is None:
@@ -269,16 +255,10 @@ class CacheLayer:
                     key=f"regions.{name}",
                     value=region,
                 )
-        if invalidation not in INVALIDATION_MODES:
-            raise ConfigurationError(
-                f"invalidation: expected 'row' or 'table', got {invalidation!r}",
-                key="invalidation",
-                value=invalidation,
-            )
+        self._strategy = strategy_for(invalidation)
         self.default_region = default_region
-        #: ``row`` (results depend on the values they pin) or ``table``
-        self.invalidation = invalidation
-        self._rows = invalidation == "row"
+        #: the invalidation strategy's name: ``row`` or ``table`` (or your own's)
+        self.invalidation = self._strategy.name
         if table_keys:
             add_extra_keys(table_keys)
         self.cache_all = bool(cache_all)
@@ -387,16 +367,14 @@ class CacheLayer:
     def _listen(self, target: Any) -> None:
         event.listen(target, "do_orm_execute", self._do_orm_execute, retval=True)
         event.listen(target, "after_begin", self._after_begin)
-        if self._rows:
-            event.listen(target, "before_flush", self._before_flush)
-            event.listen(target, "after_flush", self._after_flush)
+        for name, listener in self._strategy.flush_events().items():
+            event.listen(target, name, listener)
 
     def _unlisten(self, target: Any) -> None:
         event.remove(target, "do_orm_execute", self._do_orm_execute)
         event.remove(target, "after_begin", self._after_begin)
-        if self._rows:
-            event.remove(target, "before_flush", self._before_flush)
-            event.remove(target, "after_flush", self._after_flush)
+        for name, listener in self._strategy.flush_events().items():
+            event.remove(target, name, listener)
 
     @staticmethod
     def _events_target(target: Any) -> Any:
@@ -594,48 +572,15 @@ class CacheLayer:
         if values:
             if len(targets) != 1:
                 raise TypeError("invalidate(target, column=value): exactly one class or Table")
-            names.update(self._value_names(targets[0], values))
+            names.update(self._strategy.row_stamps(targets[0], values))
             self._bump(frozenset(names), cause="manual", values=dict(values))
             return
         else:
             for target in targets:
                 for name in self._table_names(target):
-                    names.update((name, any_rows(name)))
+                    names.update(self._strategy.table_stamps(name))
         if names:
             self._bump(frozenset(names), cause="manual")
-
-    def _value_names(self, target: Any, values: Mapping[str, Any]) -> set[str]:
-        from .tracking import table_name
-
-        if isinstance(target, Table):
-            tables = [target]
-        else:
-            try:
-                tables = [t for t in inspect(target).mapper.tables if isinstance(t, Table)]
-            except Exception:
-                raise TypeError(
-                    f"invalidate(target, column=value) takes a mapped class or a Table; "
-                    f"got {target!r}"
-                ) from None
-        names: set[str] = set()
-        for column, value in values.items():
-            table = next((t for t in tables if column in t.columns), None)
-            if table is None:
-                raise ConfigurationError(
-                    f"invalidate(): {target!r} has no column {column!r}",
-                    key=column,
-                    value=value,
-                )
-            tname = table_name(table)
-            names.add(tname)  # the results that depend on the whole table
-            kind = key_columns(table).get(table.columns[column].name)
-            many = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
-            found = None if kind is None else value_names(tname, column.lower(), kind, many)
-            if found is None:
-                names.add(any_rows(tname))  # not a key column: every result of the table
-            else:
-                names.update(found)
-        return names
 
     def invalidate_all(self) -> None:
         """Make every cached result of this layer unreachable, in every process."""
@@ -1021,9 +966,7 @@ class CacheLayer:
         place of their tables (row-level invalidation)."""
         if spec is None:
             return _ALL_ONLY
-        if not self._rows:
-            return spec
-        return stamp_names(spec, ck.bindparams, getattr(ck, "params", None), execute_params)
+        return self._strategy.stamp_names(spec, ck, execute_params)
 
     def _try_hit(
         self,
@@ -1228,7 +1171,8 @@ class CacheLayer:
         if collector.wrote:
             self._not_stored(rs, "wrote_while_reading", shape)
             return False
-        tables = self._spec(shape, collector)
+        collector.tables.add(ALL_TABLES)
+        tables = self._strategy.spec(shape, collector)
         # G2 with the tables actually read: ``written`` is what this transaction
         # had written before the query; anything written since is collector.wrote
         if written and (ANY_TABLE in tables or not written.isdisjoint(tables)):
@@ -1269,55 +1213,6 @@ class CacheLayer:
         rs.fills += 1  # a change detector only: a lost increment under a race still changes it
         stats.incr("stores", 1, rs.index)
         return True
-
-    def _spec(self, shape: _Shape, collector: Any) -> tuple[str, ...]:
-        """The dependency spec of a result, from what its miss read."""
-        read = collector.tables | {ALL_TABLES}
-        if not self._rows or collector.main is None:
-            return tuple(sorted(read))
-        pins = shape.pins
-        if pins is None:
-            try:
-                pins = pins_of(collector.main)
-            except Exception:  # a construct the analysis does not know: whole tables
-                log.debug("sqla_cachelayer: no row-level pins for a statement", exc_info=True)
-                pins = {}
-            shape.pins = pins
-        # a table an eager load (or any other statement of the miss) read too
-        # depends as a whole: its rows there are not the pinned ones
-        others = collector.others
-        return spec_of(read, [p for t, p in pins.items() if t not in others])
-
-    # ------------------------------------------------------------------
-    # row-level invalidation: the rows a flush wrote
-
-    def _before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
-        _flush_rows.set(FlushRows(session))
-
-    def _after_flush(self, session: Session, flush_context: Any) -> None:
-        """Add the value stamps of the rows this flush wrote to the write set of
-        the session's transaction; ``<t>!`` for a table whose rows it cannot
-        all tell (an old key value never loaded, statements the ORM's own
-        accounting does not explain)."""
-        record = _flush_rows.get()
-        if record is None or record.session is not session:
-            return
-        _flush_rows.set(None)
-        expected, names, unknown = flushed_names(
-            list(session._new),
-            list(session.identity_map._modified),
-            list(session._deleted),
-        )
-        unknown |= record.unknown
-        for table, count in record.rows.items():
-            if expected.get(table) != count:
-                unknown.add(table)
-        names.update(any_rows(t) for t in unknown)
-        tx = session.get_transaction()
-        if tx is None or not names:
-            return
-        for entry in list(tx._connections.values()):
-            add_written(entry[0], names)
 
     # ------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -1,0 +1,210 @@
+"""Row-level against table-level invalidation on a workload that writes.
+
+10,000 items in 100 categories; skewed keys (Zipf-like: a few items and
+categories are asked for far more than the rest). 95% reads -- 70% of them one
+item by primary key, 30% a category's list ordered by id -- and 5% single-row
+ORM updates, half of which move the item to another category. A fresh session
+per operation; the same seeded sequence for each runner:
+
+* ``uncached``: the layer not installed;
+* ``table``: ``cachelayer.invalidation = table``;
+* ``row``: ``cachelayer.invalidation = row`` (the default).
+
+Each runner starts from the same database file (copied) and a cold cache,
+runs a warm-up share of the sequence, then the measured part. Printed: hit
+ratio (hits / cached reads), queries per second over the measured part, and
+the ratio to uncached; and, as a check, that every runner ended with the same
+data.
+
+    python benchmarks/rows.py            # full run (~1 minute)
+    python benchmarks/rows.py --quick    # smoke run, a few seconds
+    python benchmarks/rows.py --backend sqla_cachelayer.memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ForeignKey, String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import sqla_cachelayer as scl  # noqa: E402
+
+ITEMS = 10_000
+CATEGORIES = 100
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Category(Base):
+    __tablename__ = "bench_category"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class Item(Base):
+    __tablename__ = "bench_item"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    category_id: Mapped[int] = mapped_column(ForeignKey("bench_category.id"), index=True)
+    name: Mapped[str] = mapped_column(String(40))
+    price: Mapped[int]
+
+
+def _zipf_sampler(n: int, s: float, rng: random.Random) -> Any:
+    weights = [1.0 / (k**s) for k in range(1, n + 1)]
+    cumulative = list(itertools.accumulate(weights))
+    total = cumulative[-1]
+    order = list(range(1, n + 1))
+    rng.shuffle(order)  # hot keys spread over the id range
+
+    def sample() -> int:
+        return order[bisect.bisect_left(cumulative, rng.random() * total)]
+
+    return sample
+
+
+def build_sequence(operations: int, seed: int) -> list[tuple[str, int, int]]:
+    rng = random.Random(seed)
+    item = _zipf_sampler(ITEMS, 1.1, rng)
+    category = _zipf_sampler(CATEGORIES, 1.1, rng)
+    ops: list[tuple[str, int, int]] = []
+    for _ in range(operations):
+        r = rng.random()
+        if r < 0.05:
+            if rng.random() < 0.5:
+                ops.append(("move", item(), rng.randint(1, CATEGORIES)))
+            else:
+                ops.append(("price", item(), rng.randint(1, 1000)))
+        elif r < 0.05 + 0.95 * 0.70:
+            ops.append(("get", item(), 0))
+        else:
+            ops.append(("list", category(), 0))
+    return ops
+
+
+def make_database(path: Path) -> None:
+    engine = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(engine)
+    with sessionmaker(engine)() as s:
+        s.add_all(Category(id=c, name=f"c{c}") for c in range(1, CATEGORIES + 1))
+        rng = random.Random(1)
+        s.add_all(
+            Item(
+                id=i,
+                category_id=rng.randint(1, CATEGORIES),
+                name=f"item {i}",
+                price=rng.randint(1, 1000),
+            )
+            for i in range(1, ITEMS + 1)
+        )
+        s.commit()
+    engine.dispose()
+
+
+def run(
+    mode: str, db: Path, ops: list[tuple[str, int, int]], warm: int, backend: str
+) -> dict[str, Any]:
+    engine = scl.engine_from_config({"sqlalchemy.url": f"sqlite:///{db}"})
+    Session = sessionmaker(engine)
+    layer = None
+    if mode != "uncached":
+        layer = scl.CacheLayer.from_settings(
+            {
+                "cachelayer.regions.default.backend": backend,
+                "cachelayer.cache_all": "true",
+                "cachelayer.invalidation": mode,
+            }
+        )
+        layer.install(Session)
+    by_id = select(Item).where(Item.id == 0).compile  # noqa: F841 (warms imports)
+
+    def one(op: tuple[str, int, int]) -> None:
+        kind, a, b = op
+        with Session() as s:
+            if kind == "get":
+                s.scalars(select(Item).where(Item.id == a)).one_or_none()
+            elif kind == "list":
+                s.scalars(select(Item).where(Item.category_id == a).order_by(Item.id)).all()
+            else:
+                item = s.get(Item, a)
+                if kind == "move":
+                    item.category_id = b
+                else:
+                    item.price = b
+                s.commit()
+
+    for op in ops[:warm]:
+        one(op)
+    before = layer.stats() if layer is not None else None
+    started = time.perf_counter()
+    for op in ops[warm:]:
+        one(op)
+    elapsed = time.perf_counter() - started
+    measured = len(ops) - warm
+    result: dict[str, Any] = {"mode": mode, "ops_per_s": measured / elapsed, "elapsed": elapsed}
+    if layer is not None and before is not None:
+        after = layer.stats()
+        hits = after["hits"] - before["hits"]
+        misses = after["misses"] - before["misses"]
+        result["hit_ratio"] = hits / max(1, hits + misses)
+    with Session() as s:
+        rows = s.execute(
+            select(Item.id, Item.category_id, Item.price).order_by(Item.id).execution_options(
+                cache_region=None
+            )
+        ).all()
+    result["digest"] = hash(tuple(map(tuple, rows)))
+    engine.dispose()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--operations", type=int, default=60_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--backend", default="dogpile.cache.memory")
+    args = parser.parse_args()
+    operations = 6_000 if args.quick else args.operations
+    warm = operations // 3
+    ops = build_sequence(operations, args.seed)
+    writes = sum(op[0] in ("move", "price") for op in ops)
+    print(
+        f"{operations} operations ({writes / operations:.1%} writes), warm-up {warm}, "
+        f"backend {args.backend}, load average {os.getloadavg()[0]:.2f}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_db = Path(tmp) / "seed.sqlite"
+        make_database(seed_db)
+        results = []
+        for mode in ("uncached", "table", "row"):
+            db = Path(tmp) / f"{mode}.sqlite"
+            shutil.copy(seed_db, db)
+            results.append(run(mode, db, ops, warm, args.backend))
+    base = results[0]["ops_per_s"]
+    print(f"{'runner':<10} {'hit ratio':>10} {'queries/s':>10} {'vs uncached':>12}")
+    for r in results:
+        ratio = f"{r['hit_ratio']:.1%}" if "hit_ratio" in r else "-"
+        print(f"{r['mode']:<10} {ratio:>10} {r['ops_per_s']:>10,.0f} {r['ops_per_s'] / base:>11.2f}x")
+    same = len({r["digest"] for r in results}) == 1
+    print(f"every runner ended with the same data: {same}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
