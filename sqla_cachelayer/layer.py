@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from time import perf_counter
 from typing import Any, Literal, TypeVar, overload
 
@@ -55,6 +55,7 @@ from .invalidation import (
     store_for_region,
     wall_clock_seq,
 )
+from .metrics import enable_exporter
 from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache, seconds
 from .records import (
     REQUIRES_UNIQUE,
@@ -74,6 +75,8 @@ from .settings import (
     EMBEDDED_BACKEND,
     RegionSettings,
     build_region,
+    coerce_metrics,
+    coerce_sample_rate,
     parse_settings,
 )
 from .stats import Stats
@@ -85,6 +88,7 @@ from .tracking import (
     watch_engine,
     written_on,
 )
+from .verify import Verifier
 
 __all__ = ["CacheLayer"]
 
@@ -226,6 +230,8 @@ class CacheLayer:
         shape_memo_size: int = 2000,
         invalidation: str | InvalidationStrategy = "row",
         table_keys: Mapping[str, Iterable[str]] | None = None,
+        metrics: str | Sequence[str] = (),
+        verify_sample_rate: float = 0.0,
     ) -> None:
         if regions is None:
             regions = {
@@ -279,6 +285,11 @@ class CacheLayer:
         # replaced whole (never mutated) under _install_lock: the hot path
         # reads it once, and an empty tuple costs one truthiness test
         self._listeners: tuple[Listener, ...] = ()
+        rate = coerce_sample_rate("verify_sample_rate", verify_sample_rate)
+        # the staleness verifier (sqla_cachelayer.verify); None costs the hit
+        # path one attribute test
+        self._verifier: Verifier | None = Verifier(self, rate) if rate > 0 else None
+        exporters = coerce_metrics("metrics", metrics)
         # SQLAlchemy cache-key tuple -> what we know of that statement structure
         self._shapes: _keys.BoundedMemo[tuple[Any, ...], _Shape] = _keys.BoundedMemo(
             shape_memo_size
@@ -292,6 +303,8 @@ class CacheLayer:
         self._begin_key = f"_sqla_cachelayer_begin_{id(self)}"
         # region names asked for and not configured, warned about once (bounded)
         self._unknown_regions: set[Any] = set()
+        #: the exporters enabled by ``metrics`` (see ``docs/metrics.md``)
+        self.exporters: list[Any] = [enable_exporter(self, name) for name in exporters]
 
     # ------------------------------------------------------------------
     # construction from settings
@@ -324,6 +337,8 @@ class CacheLayer:
             "signing_key": parsed.signing_key,
             "invalidation": parsed.invalidation,
             "table_keys": parsed.table_keys,
+            "metrics": parsed.metrics,
+            "verify_sample_rate": parsed.verify_sample_rate,
         }
         options.update(kwargs)
         return cls(regions, **options)
@@ -1032,6 +1047,9 @@ class CacheLayer:
                     o for o in options if getattr(o, "propagate_to_loaders", False)
                 )
                 break
+        verifier = self._verifier
+        if verifier is not None:
+            verifier.sample(orm_context, rs, shape.digest, record, ck)
         return _result_from_record(
             orm_context.session, record, shape.metadata or record.metadata, load_options
         )

@@ -33,9 +33,14 @@ _LAYER_KEYS = {
     "breaker_reset_seconds",
     "signing_key",
     "invalidation",
+    "metrics",
+    "verify.sample_rate",
 }
 #: ``cachelayer.invalidation`` values
 INVALIDATION_MODES = ("row", "table")
+
+#: what ``cachelayer.metrics`` may name, and the module each one needs
+METRICS_EXPORTERS = {"prometheus": "prometheus_client", "opentelemetry": "opentelemetry"}
 
 
 def bad_setting(key: str, value: Any, why: str) -> ConfigurationError:
@@ -101,6 +106,8 @@ class LayerSettings:
     signing_key: str | None = None
     invalidation: str = "row"
     table_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ()
+    verify_sample_rate: float = 0.0
 
 
 def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> LayerSettings:
@@ -194,7 +201,49 @@ def parse_settings(settings: Mapping[str, Any], prefix: str = "cachelayer.") -> 
                 f"{key} = <hidden>: a signing key needs at least 16 bytes", key=key, value=None
             )
         result.signing_key = text
+    if "metrics" in layer:
+        result.metrics = coerce_metrics(*layer["metrics"])
+    if "verify.sample_rate" in layer:
+        result.verify_sample_rate = coerce_sample_rate(*layer["verify.sample_rate"])
     return result
+
+
+def coerce_metrics(key: str, value: Any) -> tuple[str, ...]:
+    """``prometheus`` and/or ``opentelemetry``, comma-separated; each library installed."""
+    if isinstance(value, str):
+        names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    elif isinstance(value, (list, tuple)):
+        names = [str(n).strip().lower() for n in value]
+    else:
+        raise bad_setting(key, value, "expected prometheus and/or opentelemetry, comma-separated")
+    for name in names:
+        module = METRICS_EXPORTERS.get(name)
+        if module is None:
+            raise bad_setting(
+                key, value, f"unknown exporter {name!r} (known: prometheus, opentelemetry)"
+            )
+        try:
+            __import__(module)
+        except ImportError:
+            raise bad_setting(
+                key,
+                value,
+                f"{name} needs the {module} package: pip install 'sqla_cachelayer[{name}]'",
+            ) from None
+    return tuple(dict.fromkeys(names))
+
+
+def coerce_sample_rate(key: str, value: Any) -> float:
+    """A share of hits, from 0 to 1."""
+    if isinstance(value, bool):
+        raise bad_setting(key, value, "expected a number from 0 to 1")
+    try:
+        rate = float(str(value).strip() or 0) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise bad_setting(key, value, "expected a number from 0 to 1") from None
+    if not 0.0 <= rate <= 1.0:  # also refuses NaN
+        raise bad_setting(key, value, "expected a number from 0 to 1")
+    return rate
 
 
 #: dogpile's Redis backends whose connections the layer bounds (see

@@ -69,7 +69,7 @@ def verified_nines(verified: int, stale: int) -> float:
     """
     if verified <= 0:
         return 0.0
-    return -math.log10(max(stale, 1) / verified)
+    return -math.log10(max(stale, 1) / verified) + 0.0  # never -0.0
 
 
 class _Shard:

@@ -73,9 +73,11 @@ def test_event_order_and_payloads_for_miss_hit_and_commit(
     events.clear()
     env.layer.invalidate(User)
     env.layer.invalidate_all()
-    assert [(e.kind, e.cause, e.tables) for e in events] == [
-        ("invalidate", "manual", ("users",)),
-        ("invalidate", "manual", ("*all*",)),
+    env.layer.invalidate(User, id=[1, 2])
+    assert [(e.kind, e.cause, e.tables, e.values) for e in events] == [
+        ("invalidate", "manual", ("users",), None),
+        ("invalidate", "manual", ("*all*",), None),
+        ("invalidate", "manual", ("users",), {"id": [1, 2]}),
     ]
 
 

@@ -463,7 +463,12 @@ def verify(config_path: str | None, section: str | None, as_json: bool, seconds:
             f"verify: the staleness verifier is not available in sqla_cachelayer "
             f"{__version__} ({'.'.join(VERIFIER)} not found); nothing was verified"
         )
-    result = dict(verifier(settings, seconds=seconds))
+    from ..exc import ConfigurationError
+
+    try:
+        result = dict(verifier(settings, seconds=seconds))
+    except ConfigurationError as err:
+        _fail(f"{where}: verify: {' '.join(str(err).split())}")
     if as_json:
         _emit_json({"config": where, "seconds": seconds, **result})
     else:
