@@ -778,14 +778,13 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
             dbapi_connection.isolation_level = None
         proxied.info[_PENDING_BEGIN_KEY] = True
 
-    def before_cursor_execute(
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
+    def begin_first(cursor: Any, context: Any) -> None:
+        # A dialect-level hook: SQLAlchemy reports what it raises as the
+        # failure of the statement (a before_cursor_execute listener's errors
+        # escape unwrapped on SQLAlchemy 2.0).
+        conn = getattr(context, "root_connection", None)
+        if conn is None:
+            return
         info = conn.connection.info
         if _PENDING_BEGIN_KEY not in info:
             return
@@ -821,6 +820,14 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
         if mode != "deferred" and track_threads:
             info[_WRITE_LOCK_KEY] = ident
             holders.add(ident)
+
+    def on_do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        begin_first(cursor, context)
+        return False  # the statement itself runs as usual
+
+    def on_do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+        begin_first(cursor, context)
+        return False
 
     def on_error(ctx: ExceptionContext) -> None:
         connection = ctx.connection
@@ -901,7 +908,9 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
     event.listen(engine, "set_engine_execution_options", check_options)
     if take_over_begin:
         event.listen(engine, "begin", on_begin)
-        event.listen(engine, "before_cursor_execute", before_cursor_execute)
+        event.listen(engine, "do_execute", on_do_execute)
+        event.listen(engine, "do_executemany", on_do_execute)
+        event.listen(engine, "do_execute_no_params", on_do_execute_no_params)
         event.listen(engine, "handle_error", on_error)
         event.listen(engine, "commit", on_commit)
         event.listen(engine, "rollback", on_rollback)
