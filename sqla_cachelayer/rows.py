@@ -342,15 +342,36 @@ def stamp_names(
         params = {**statement_params, **execute_params}  # as construct_params merges them
     else:
         params = statement_params or execute_params
-    names = list(base)
+    if len(pins) == 1:
+        # the usual case (a lookup by id, a list by foreign key), memoized by
+        # value: values equal in Python normalize alike (1, 1.0, True: "i1")
+        pin = pins[0]
+        values = pin.values(binds, params)
+        if values is None:
+            return (*base, pin.table)
+        memo_key = (spec, *values)
+        try:
+            found = _names.get(memo_key)
+        except TypeError:  # an unhashable value: not memoized
+            return (*base, *(value_names(pin.table, pin.column, pin.kind, values) or [pin.table]))
+        if found is None:
+            names = value_names(pin.table, pin.column, pin.kind, values)
+            found = (*base, *(names if names is not None else [pin.table]))
+            _names.put(memo_key, found)
+        return found
+    collected = list(base)
     for pin in pins:
         values = pin.values(binds, params)
-        found = None if values is None else value_names(pin.table, pin.column, pin.kind, values)
-        if found is None:
-            names.append(pin.table)
+        names = None if values is None else value_names(pin.table, pin.column, pin.kind, values)
+        if names is None:
+            collected.append(pin.table)
         else:
-            names.extend(found)
-    return tuple(names)
+            collected.extend(names)
+    return tuple(collected)
+
+
+# (spec, value...) -> the stamps of that execution (single-pin specs)
+_names: BoundedMemo[tuple[Any, ...], tuple[str, ...]] = BoundedMemo(20_000)
 
 
 def _conjuncts(clause: Any) -> list[Any]:
