@@ -38,7 +38,8 @@ made atomic:
 :class:`CounterStampStore` this project's backends, which offer atomic counter methods
                            (``sqla_cachelayer.memory``, ``sqla_cachelayer.sqlite``)
 :class:`RedisStampStore`   dogpile's Redis backends: one ``MGET`` per lookup, one Lua
-                           script per bump
+                           script per bump (``sqla_cachelayer.redis``: the same, awaited
+                           through ``redis.asyncio`` from an ``AsyncSession``)
 :class:`MutexStampStore`   any other backend: counters stored as entries, the bump
                            made under the backend's mutex (atomic across processes
                            only where the backend's mutex is distributed)
@@ -58,6 +59,7 @@ from typing import Any, NamedTuple
 
 from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
+from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from .keys import BoundedMemo
 
@@ -384,6 +386,113 @@ class RedisStampStore(StampStore):
         pipe.execute()
 
 
+class AsyncRedisStampStore(RedisStampStore):
+    """``sqla_cachelayer.redis``: :class:`RedisStampStore` over ``redis.asyncio``
+    when called from an ``AsyncSession`` (the ORM's greenlet context).
+
+    There each operation awaits the backend's asyncio client of the running
+    event loop through SQLAlchemy's ``await_only``, so the loop keeps running
+    while Redis answers (or times out); anywhere else it is the synchronous
+    store. Same keys, values, script and errors (redis-py's exception classes):
+    sync and async processes share one cache, and the layer's breaker sees the
+    same failures.
+    """
+
+    def __init__(self, region: CacheRegion, namespace: str) -> None:
+        super().__init__(region, namespace)
+        actual = region.actual_backend
+        self._async_client = actual.async_client
+        self._expire = int(getattr(actual, "redis_expiration_time", 0) or 0) or None
+        self._lock_args = actual
+        self._lua_sha: str = self._script.sha
+
+    async def _bump(self, client: Any, keys: list[str], floor: int) -> Any:
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await client.evalsha(self._lua_sha, len(keys), *keys, floor)
+        except NoScriptError:  # a restarted or flushed server: EVAL loads it again
+            return await client.eval(_BUMP_LUA, len(keys), *keys, floor)
+
+    async def _ensure(self, client: Any, keys: Sequence[str], value: int) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(key, value, nx=True)
+            await pipe.execute()
+
+    def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
+        if not in_greenlet():
+            return super().lookup(entry_key, tables)
+        keys = [self.seq_key, *self.stamp_keys(tables)]
+        if entry_key is not None:
+            if self._key_mangler is not None:
+                entry_key = self._key_mangler(entry_key)
+            keys.append(entry_key)
+        values = list(await_only(self._async_client().mget(keys)))
+        payload = None
+        if entry_key is not None:
+            raw = values.pop()
+            payload = raw if isinstance(raw, bytes) else None
+        return Lookup(payload, _int_or_none(values[0]), [_int_or_none(v) for v in values[1:]])
+
+    def bump(self, tables: Sequence[str]) -> int:
+        if not in_greenlet():
+            return super().bump(tables)
+        keys = [self.seq_key, *self.stamp_keys(tables)]
+        return int(await_only(self._bump(self._async_client(), keys, _floor())))
+
+    def ensure(self, tables: Sequence[str], value: int) -> None:
+        if not in_greenlet():
+            super().ensure(tables, value)
+            return
+        await_only(self._ensure(self._async_client(), self.stamp_keys(tables), value))
+
+    def write_entry(self, key: str, payload: Any) -> None:
+        if not in_greenlet():
+            super().write_entry(key, payload)
+            return
+        if self._key_mangler is not None:
+            key = self._key_mangler(key)
+        # the bytes dogpile's set_serialized would write (the layer's own record)
+        await_only(self._async_client().set(key, payload, ex=self._expire))
+
+    def mutex(self, key: str) -> Any:
+        if not self._distributed_mutex or not in_greenlet():
+            return super().mutex(key)
+        if self._key_mangler is not None:
+            key = self._key_mangler(key)
+        backend = self._lock_args
+        # dogpile's lock name and arguments, so sync processes exclude the same key
+        lock = self._async_client().lock(
+            backend.lock_template.format(key),
+            timeout=backend.lock_timeout,
+            sleep=backend.lock_sleep,
+            blocking=backend.lock_blocking,
+            blocking_timeout=backend.lock_blocking_timeout,
+            thread_local=False,  # coroutines share the thread: the token is the lock's
+        )
+        return _AwaitedLock(lock)
+
+
+class _AwaitedLock:
+    """A ``redis.asyncio`` lock behind dogpile's mutex interface, awaited
+    from the ORM's greenlet."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+
+    def acquire(self, wait: bool = True) -> bool:
+        return bool(await_only(self._lock.acquire(blocking=wait)))
+
+    def release(self) -> None:
+        await_only(self._lock.release())
+
+    def locked(self) -> bool:
+        return bool(await_only(self._lock.locked()))
+
+
 class MutexStampStore(StampStore):
     """Any other dogpile backend: counters stored as entries of their own.
 
@@ -467,6 +576,8 @@ def store_for_region(region: CacheRegion, namespace: str) -> StampStore:
     module = type(actual).__module__
     if module.startswith("dogpile.cache.backends.memory") and cls_name in _PER_PROCESS_BACKENDS:
         return LocalStampStore(region, namespace)
+    if hasattr(actual, "async_client") and hasattr(actual, "writer_client"):
+        return AsyncRedisStampStore(region, namespace)  # sqla_cachelayer.redis
     if module.startswith("dogpile.cache.backends.redis") and hasattr(actual, "writer_client"):
         return RedisStampStore(region, namespace)
     if actual.get_mutex(f"{namespace}:seq") is None:

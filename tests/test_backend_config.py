@@ -108,3 +108,36 @@ def test_key_mangler_hides_values_and_keeps_the_protocol(tmp_path: Any, redis_db
     other = scl.CacheLayer({"default": _region(redis_db_url, sha1_mangle_key)})
     other.invalidate(User)
     assert _owner(Session) == "alice3"
+
+
+def test_key_mangler_from_settings(tmp_path: Any, redis_db_url: str) -> None:
+    built = scl.CacheLayer.from_settings(
+        {
+            "cachelayer.regions.default.backend": "sqla_cachelayer.redis",
+            "cachelayer.regions.default.arguments.url": redis_db_url,
+            "cachelayer.regions.default.arguments.key_mangler": "sha1",
+        }
+    )
+    layer, Session = _setup(tmp_path, built.regions["default"])
+    assert _owner(Session) == "alice"
+    assert _owner(Session) == "alice"
+    assert layer.stats()["hits"] == 1
+    keys = _redis_keys(redis_db_url)
+    assert keys and not any(EMAIL in k for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("key_manglr", "sha1"), ("key_mangler", "md5"), ("socket_timeout", "soon")],
+)
+def test_redis_backend_refuses_bad_arguments(name: str, value: str) -> None:
+    pytest.importorskip("redis")
+    with pytest.raises(scl.ConfigurationError) as info:
+        scl.CacheLayer.from_settings(
+            {
+                "cachelayer.regions.default.backend": "sqla_cachelayer.redis",
+                f"cachelayer.regions.default.arguments.{name}": value,
+            }
+        )
+    assert info.value.key == f"cachelayer.regions.default.arguments.{name}"
+    assert info.value.value == value

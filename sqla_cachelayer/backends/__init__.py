@@ -11,10 +11,12 @@ backend name                class                                   arguments
                                                                     ``max_bytes``
 ``sqla_cachelayer.sqlite``  :class:`~.sqlite.SQLiteFileBackend`     ``path`` (required),
                                                                     ``max_bytes``, ...
+``sqla_cachelayer.redis``   :class:`~.redis.RedisBackend`           dogpile's Redis
+                                                                    arguments, bounded
 ==========================  ======================================  ==========================
 
-Both implement dogpile's backend contract (``dogpile/cache/api.py``) and
-nothing of SQLAlchemy.  Beside it they share four *counter* methods, described
+All implement dogpile's backend contract (``dogpile/cache/api.py``) and
+nothing of SQLAlchemy.  Beside it the first two share four *counter* methods, described
 by :class:`CounterBackend`, that the cache layer's invalidation protocol uses
 when a backend offers them::
 
@@ -43,6 +45,10 @@ register_backend(  # type: ignore[no-untyped-call]
 )
 register_backend(  # type: ignore[no-untyped-call]
     "sqla_cachelayer.sqlite", "sqla_cachelayer.backends.sqlite", "SQLiteFileBackend"
+)
+# loaded on first use: redis-py is an optional extra
+register_backend(  # type: ignore[no-untyped-call]
+    "sqla_cachelayer.redis", "sqla_cachelayer.backends.redis", "RedisBackend"
 )
 
 

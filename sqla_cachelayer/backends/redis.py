@@ -206,6 +206,48 @@ def retry_problem(client: Any) -> str | None:
     return "; ".join(problems) or None
 
 
+#: the arguments of dogpile's ``dogpile.cache.redis`` (1.5)
+_DOGPILE_ARGUMENTS = (
+    "url",
+    "host",
+    "username",
+    "password",
+    "port",
+    "db",
+    "redis_expiration_time",
+    "distributed_lock",
+    "lock_timeout",
+    "lock_sleep",
+    "lock_blocking",
+    "lock_blocking_timeout",
+    "lock_prefix",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "socket_keepalive_options",
+    "connection_pool",
+    "thread_local_lock",
+    "ssl",
+    "connection_kwargs",
+)
+_NAME = "sqla_cachelayer.redis"
+
+
+def _key_mangler(value: Any) -> Any:
+    """``key_mangler`` argument: ``sha1`` (dogpile's ``sha1_mangle_key``) or a callable."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "sha1":
+        from dogpile.cache.util import sha1_mangle_key
+
+        return sha1_mangle_key
+    raise ConfigurationError(
+        f"{_NAME}: argument 'key_mangler': expected 'sha1' or a callable, got {value!r}",
+        key="key_mangler",
+        value=value,
+    )
+
+
 class RedisBackend(_DogpileRedisBackend):
     """``sqla_cachelayer.redis``: dogpile's Redis backend, bounded, with asyncio I/O.
 
@@ -213,10 +255,12 @@ class RedisBackend(_DogpileRedisBackend):
     ``port``, ``db``, ``username``, ``password``, ``socket_*``, ``ssl``,
     ``connection_pool``, ``connection_kwargs``, ``redis_expiration_time``,
     ``distributed_lock`` and the ``lock_*`` arguments, ``thread_local_lock``),
-    plus ``unix_socket_path``, with the bounds of :func:`bounded_arguments`
-    applied whether it is configured from settings or from code. It stores
-    the same keys and values as ``dogpile.cache.redis``: processes using
-    either backend share one cache.
+    plus ``unix_socket_path`` and ``key_mangler`` (``sha1``, or a callable:
+    the region's key mangler unless the region has its own), with the bounds
+    of :func:`bounded_arguments` applied whether it is configured from
+    settings or from code. Unknown argument names are refused. It stores the
+    same keys and values as ``dogpile.cache.redis``: processes using either
+    backend share one cache.
 
     :meth:`async_client` gives a ``redis.asyncio`` client on the same server,
     one per event loop (an asyncio client's connections belong to the loop
@@ -224,7 +268,18 @@ class RedisBackend(_DogpileRedisBackend):
     """
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
-        args = bounded_arguments("sqla_cachelayer.redis", arguments)
+        from sqla_cachelayer.backends._args import check_known, coerce_bool, coerce_float
+
+        check_known(_NAME, arguments, (*_DOGPILE_ARGUMENTS, "unix_socket_path", "key_mangler"))
+        args = dict(arguments)
+        self.key_mangler = _key_mangler(args.pop("key_mangler", None))
+        for name in _TIMEOUTS:
+            if args.get(name) is not None:
+                args[name] = coerce_float(_NAME, args, name, 0.0, minimum=0.001)
+        for name in ("distributed_lock", "thread_local_lock", "lock_blocking"):
+            if args.get(name) is not None:
+                args[name] = coerce_bool(_NAME, args, name, False)
+        args = bounded_arguments(_NAME, args)
         if args.get("distributed_lock"):
             # dogpile's advice: a thread-local token breaks the distributed lock
             args.setdefault("thread_local_lock", False)
@@ -263,8 +318,10 @@ class RedisBackend(_DogpileRedisBackend):
             }
             if "path" in kwargs:
                 kwargs["unix_socket_path"] = kwargs.pop("path")
+            if "SSL" in getattr(pool, "connection_class", type).__name__:
+                kwargs["ssl"] = True
             return {"kwargs": kwargs, "url": None}
-        kwargs = {k: v for k, v in dict(args.get("connection_kwargs") or {}).items()}
+        kwargs = dict(args.get("connection_kwargs") or {})
         kwargs.pop("retry", None)
         for name in ("socket_timeout", "socket_connect_timeout"):
             kwargs.setdefault(name, args[name])

@@ -1,0 +1,229 @@
+"""``sqla_cachelayer.redis``: one cache for sync and async processes, and an
+event loop that keeps running while Redis answers, or hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _models import Base, User, seed
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+import sqla_cachelayer as scl
+from sqla_cachelayer import FromCache
+
+pytest.importorskip("redis")
+
+STMT = select(User.name).where(User.id == 1).options(FromCache())
+TESTS = Path(__file__).parent
+
+# A separate, synchronous process: reads user 1's name through a layer whose
+# region is ``backend`` (dogpile's or ours) and prints it with the layer's stats.
+SYNC_READER = """
+import json, sys
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+import sqla_cachelayer as scl
+from _models import User
+
+db, url, backend = sys.argv[1:4]
+engine = scl.engine_from_config({"sqlalchemy.url": f"sqlite:///{db}"})
+layer = scl.CacheLayer.from_settings({
+    "cachelayer.regions.default.backend": backend,
+    "cachelayer.regions.default.arguments.url": url,
+})
+Session = layer.install(sessionmaker(engine))
+stmt = select(User.name).where(User.id == 1).options(scl.FromCache())
+names = []
+for _ in range(2):
+    with Session() as s:
+        names.append(s.execute(stmt).scalar_one())
+print(json.dumps({"names": names, "stats": layer.stats()}))
+"""
+
+
+def _sync_process(db: Path, url: str, backend: str) -> dict[str, Any]:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SYNC_READER, str(db), url, backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _async_layer(url: str, **arguments: Any) -> scl.CacheLayer:
+    settings = {
+        "cachelayer.regions.default.backend": "sqla_cachelayer.redis",
+        "cachelayer.regions.default.arguments.url": url,
+    }
+    for name, value in arguments.items():
+        settings[f"cachelayer.regions.default.arguments.{name}"] = value
+    return scl.CacheLayer.from_settings(settings)
+
+
+def _seed_db(db: Path) -> None:
+    engine = scl.engine_from_config({"sqlalchemy.url": f"sqlite:///{db}"})
+    Base.metadata.create_all(engine)
+    seed(sessionmaker(engine))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("sync_backend", ["dogpile.cache.redis", "sqla_cachelayer.redis"])
+def test_sync_and_async_processes_share_one_cache(
+    tmp_path: Path, redis_db_url: str, sync_backend: str
+) -> None:
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    first = _sync_process(db, redis_db_url, sync_backend)
+    assert first["names"] == ["user1", "user1"]
+    assert first["stats"]["stores"] == 1 and first["stats"]["hits"] == 1
+
+    layer = _async_layer(redis_db_url)
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        statements: list[str] = []
+        from sqlalchemy import event
+
+        event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        async with Session() as s:
+            assert (await s.execute(STMT)).scalar_one() == "user1"
+        assert layer.stats()["hits"] == 1, "the sync process's entry must be a hit"
+        assert not any("FROM users" in sql for sql in statements)
+        async with Session() as s:
+            await s.execute(update(User).where(User.id == 1).values(name="async-renamed"))
+            await s.commit()
+        await engine.dispose()
+
+    asyncio.run(main())
+    after = _sync_process(db, redis_db_url, sync_backend)
+    assert after["names"] == ["async-renamed", "async-renamed"]
+    assert after["stats"]["hits"] == 1 and after["stats"]["misses"] == 1
+
+
+def test_async_reads_use_redis_asyncio(tmp_path: Path, redis_db_url: str) -> None:
+    """Hits, misses and the commit's invalidation go through the loop's client."""
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    layer = _async_layer(redis_db_url)
+    backend = layer.regions["default"].backend
+    sync_calls: list[str] = []
+    real = backend.writer_client.execute_command
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        sync_calls.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    backend.writer_client.execute_command = spy
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        for expected in ("user1", "user1"):
+            async with Session() as s:
+                assert (await s.execute(STMT)).scalar_one() == expected
+        async with Session() as s:
+            (await s.get(User, 1)).name = "x"  # type: ignore[union-attr]
+            await s.commit()
+        async with Session() as s:
+            assert (await s.execute(STMT)).scalar_one() == "x"
+        await engine.dispose()
+
+    asyncio.run(main())
+    stats = layer.stats()
+    assert stats["hits"] == 1 and stats["misses"] == 2 and stats["stores"] == 2
+    assert sync_calls == [], f"the sync client was used from the event loop: {sync_calls}"
+
+
+def test_distributed_lock_from_an_async_session(tmp_path: Path, redis_db_url: str) -> None:
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    layer = _async_layer(redis_db_url, distributed_lock="true")
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        for _ in range(2):
+            async with Session() as s:
+                assert (await s.execute(STMT)).scalar_one() == "user1"
+        await engine.dispose()
+
+    asyncio.run(main())
+    assert layer.stats()["hits"] == 1 and layer.stats()["errors"] == 0
+
+
+def test_hung_redis_never_stalls_the_loop(
+    tmp_path: Path, redis_server_factory: Callable[..., Any]
+) -> None:
+    """100 coroutines read through a region whose server is hung (SIGSTOP): a
+    ticker sees the loop's longest gap under 0.5 s, every answer is right."""
+    server = redis_server_factory()
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    layer = scl.CacheLayer.from_settings(
+        {
+            "cachelayer.regions.default.backend": "sqla_cachelayer.redis",
+            "cachelayer.regions.default.arguments.url": server.url,
+        }
+    )
+    longest = 0.0
+
+    async def ticker(stop: asyncio.Event) -> None:
+        nonlocal longest
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            longest = max(longest, now - last)
+            last = now
+
+    async def main() -> list[str]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+
+        async def read(user_id: int) -> str:
+            stmt = select(User.name).where(User.id == user_id).options(FromCache())
+            async with Session() as s:
+                return str((await s.execute(stmt)).scalar_one())
+
+        for i in range(1, 6):  # fill: every key cached, the connections open
+            await read(i)
+        assert layer.stats()["stores"] == 5
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop))
+        await asyncio.sleep(0.05)
+        server.pause()
+        try:
+            names = await asyncio.gather(*(read(i % 5 + 1) for i in range(100)))
+        finally:
+            server.resume()
+            stop.set()
+            await tick
+            await engine.dispose()
+        return names
+
+    names = asyncio.run(main())
+    assert names == [f"user{i % 5 + 1}" for i in range(100)]
+    assert layer.stats()["errors"] >= 1, "the hang must have been met"
+    assert longest < 0.5, f"the event loop stalled {longest:.2f}s"
