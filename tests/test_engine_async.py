@@ -339,4 +339,8 @@ def test_run_in_transaction_async_retries_deadlock_on_asyncpg(asyncpg_url: str) 
     total, snapshot = asyncio.run(main())
     assert total == 4
     assert snapshot["succeeded"] == 2
-    assert snapshot["by_reason"] == {"deadlock": 1}
+    # Usually once; under load the victim's quick rerun can take its first row
+    # again before the survivor, woken by the victim's rollback, has locked it,
+    # and the two deadlock once more.
+    assert set(snapshot["by_reason"]) == {"deadlock"}
+    assert snapshot["by_reason"]["deadlock"] >= 1

@@ -516,7 +516,11 @@ def test_pg_deadlock_is_retried(pg: tuple[Engine, sessionmaker[Session]]) -> Non
         worker.join()
     assert errors == []
     snapshot = stats.snapshot()
-    assert snapshot["by_reason"] == {"deadlock": 1}
+    # Usually once; under load the victim's quick rerun can take its first row
+    # again before the survivor, woken by the victim's rollback, has locked it,
+    # and the two deadlock once more.
+    assert set(snapshot["by_reason"]) == {"deadlock"}
+    assert snapshot["by_reason"]["deadlock"] >= 1
     assert snapshot["succeeded"] == 2
     with engine.connect() as conn:
         assert conn.execute(text("SELECT sum(value) FROM counter")).scalar() == 4
