@@ -82,6 +82,8 @@ __all__ = [
 BUCKETS: Final = 4096
 #: an ``IN`` list longer than this makes the result depend on the whole table
 MAX_IN_VALUES: Final = 64
+#: a write that would move more value stamps than this moves its tables' ``<t>!``
+MAX_WRITE_STAMPS: Final = 2000
 
 
 def any_rows(table: str) -> str:
@@ -160,9 +162,10 @@ def key_columns(table: Table) -> dict[str, str]:
             keyed.update(c.name for c in getattr(constraint, "columns", ()))
     for index in table.indexes:
         keyed.update(c.name for c in index.columns if isinstance(c, Column))
+    by_name = {c.name: c for c in table.columns}  # table.columns is keyed by .key
     kinds = {}
     for name in sorted(keyed):
-        kind = _kind(table.columns[name]) if name in table.columns else None
+        kind = _kind(by_name[name]) if name in by_name else None
         if kind is not None:
             kinds[name] = kind
     _key_columns[table] = (generation, kinds)
@@ -578,8 +581,9 @@ def flushed_names(
                 if not changed:
                     continue  # no UPDATE of this table for this object
             expected[tname] = expected.get(tname, 0) + 1
+            by_name = {c.name: c for c in table.columns}
             for cname, kind in key_columns(table).items():
-                prop = mapper._columntoproperty.get(table.columns[cname])
+                prop = mapper._columntoproperty.get(by_name[cname])
                 if prop is None:
                     unknown.add(tname)
                     continue

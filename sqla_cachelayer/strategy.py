@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session
 
 from .exc import ConfigurationError
 from .rows import (
+    MAX_WRITE_STAMPS,
     FlushRows,
     any_rows,
     flushed_names,
@@ -164,9 +165,10 @@ class RowInvalidation(InvalidationStrategy):
         for table, (column, value) in zip(_tables_of(target, values), values.items(), strict=True):
             tname = table_name(table)
             names.add(tname)  # the results that depend on the whole table
-            kind = key_columns(table).get(table.columns[column].name)
+            name = table.columns[column].name
+            kind = key_columns(table).get(name)
             many = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
-            found = None if kind is None else value_names(tname, column.lower(), kind, many)
+            found = None if kind is None else value_names(tname, name.lower(), kind, many)
             if found is None:
                 names.add(any_rows(tname))  # not a key column: every result of the table
             else:
@@ -197,6 +199,10 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     for table, count in record.rows.items():
         if expected.get(table) != count:
             unknown.add(table)
+    if len(names) > MAX_WRITE_STAMPS:
+        # a large flush: its tables' <t>! is one stamp where the values are thousands
+        unknown.update(name.rsplit(".", 1)[0] for name in names)
+        names = set()
     names.update(any_rows(t) for t in unknown)
     tx = session.get_transaction()
     if tx is None or not names:

@@ -35,12 +35,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import UpdateBase
-from sqlalchemy.sql.schema import MetaData
+from sqlalchemy.sql.schema import MetaData, Table
 from sqlalchemy.sql.selectable import TableClause
 
 from .invalidation import ALL_TABLES, ANY_TABLE
 from .keys import BoundedMemo
-from .rows import FlushRows, any_rows
+from .rows import MAX_WRITE_STAMPS, FlushRows, any_rows, key_columns, value_names
 
 __all__ = ["ReadCollector", "collecting", "watch_engine"]
 
@@ -344,6 +344,36 @@ def _reads_of(compiled: Any) -> frozenset[str]:
     return names
 
 
+def _inserted_rows(compiled: Any, context: Any) -> frozenset[str] | None:
+    """The value stamps of the rows a plain INSERT adds, when its parameters
+    give every key column of every row (association rows, Core and bulk
+    inserts with their keys); None when they do not (a key left to the
+    database, ``INSERT ... SELECT``, multi-row VALUES, an upsert)."""
+    stmt = compiled.statement
+    table = getattr(stmt, "table", None)
+    if (
+        not isinstance(table, Table)
+        or getattr(stmt, "select", None) is not None
+        or getattr(stmt, "_post_values_clause", None) is not None
+        or getattr(stmt, "_multi_values", None)
+    ):
+        return None
+    keys = key_columns(table)
+    params = context.compiled_parameters or ()
+    if not keys or not params or len(params) * len(keys) > MAX_WRITE_STAMPS:
+        return None
+    tname = table_name(table)
+    bind_of = {c.name: c.key for c in table.columns}  # parameters are named by .key
+    names: set[str] = set()
+    for row in params:
+        for column, kind in keys.items():
+            found = value_names(tname, column.lower(), kind, [row.get(bind_of[column])])
+            if found is None:
+                return None
+            names.update(found)
+    return frozenset(names)
+
+
 def _has_text(stmt: Any) -> bool:
     return any(
         getattr(element, "__visit_name__", "") in ("textclause", "textual_select")
@@ -537,7 +567,8 @@ class _EngineWatch:
                 or context.execution_options.get("compiled_cache") is None
                 or context.root_connection._is_autocommit_isolation()
             ):
-                written = _with_any_rows(written)
+                rows = _inserted_rows(compiled, context) if context.isinsert else None
+                written = _with_any_rows(written) if rows is None else written | rows
             elif not getattr(context, _COUNTED, False):
                 # a statement of an installed session's flush: the ORM knows its
                 # rows; count them, so the layer can check it knows them all

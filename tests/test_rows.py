@@ -173,7 +173,7 @@ def test_writes_whose_rows_are_not_known_invalidate_the_table(shop: Any) -> None
         lambda s: s.execute(update(Item).where(Item.id == 3).values(price=7)),  # ORM bulk
         lambda s: s.execute(text("UPDATE items SET price = 8 WHERE id = 4")),  # textual
         lambda s: s.connection().execute(delete(Item.__table__).where(Item.id == 60)),  # Core
-        lambda s: s.execute(insert(Item), [{"id": 700, "category_id": 3, "sku": "X"}]),
+        lambda s: s.execute(insert(Item), [{"sku": "X", "category_id": 3}]),  # no id given
     ):
         for stmt in lists:
             _ids(Session, stmt)
@@ -183,6 +183,15 @@ def test_writes_whose_rows_are_not_known_invalidate_the_table(shop: Any) -> None
         for stmt in lists:
             assert not _hit(layer, Session, stmt)
             assert _ids(Session, stmt) == _ids(Session, stmt.options(NoCache()))
+    # a bulk insert that gives every key column is row-level: only its category
+    for stmt in lists:
+        _ids(Session, stmt)
+    with Session() as s:
+        s.execute(insert(Item), [{"id": 701, "category_id": 3, "sku": "Y"}])
+        s.commit()
+    assert not _hit(layer, Session, lists[0])
+    assert (701, 0) in _ids(Session, lists[0])
+    assert _hit(layer, Session, lists[1]) and _hit(layer, Session, lists[2])
 
 
 def test_an_old_value_never_loaded_invalidates_the_table(shop: Any) -> None:
@@ -497,3 +506,29 @@ def test_differential_random_mix_across_processes(
         assert p.exitcode == 0
     assert sum(r[0] for r in results) == 0, results
     assert sum(r[1] for r in results) > 100, results
+
+
+def test_association_and_core_inserts_with_their_keys_are_row_level(make_env: Any) -> None:
+    """An INSERT whose parameters give every key column (association rows of a
+    many-to-many, Core inserts with ids) invalidates only those rows."""
+    from _models import Keyword, User, user_keywords
+
+    env = make_env(cache_all=True)
+    kw_of = lambda u: (  # noqa: E731
+        select(user_keywords.c.keyword_id)
+        .where(user_keywords.c.user_id == u)
+        .order_by(user_keywords.c.keyword_id)
+    )
+    _ids(env.Session, kw_of(1))
+    _ids(env.Session, kw_of(3))
+    with env.Session() as s:  # the ORM inserts the association row
+        user = s.get(User, 1)
+        user.keywords.append(s.get(Keyword, 3))
+        s.commit()
+    assert _hit(env.layer, env.Session, kw_of(3)), "user 3's keywords did not change"
+    assert (3,) in _ids(env.Session, kw_of(1))
+    with env.Session() as s:  # Core, with every key column given
+        s.connection().execute(user_keywords.insert(), [{"user_id": 3, "keyword_id": 3}])
+        s.commit()
+    assert _hit(env.layer, env.Session, kw_of(1))
+    assert (3,) in _ids(env.Session, kw_of(3))

@@ -122,7 +122,9 @@ def test_database_named_without_its_driver(tmp_path: Any) -> None:
     pytest.importorskip("asyncpg")
     pg2 = create_engine("postgresql+asyncpg://u:other@h:5432/db")
     assert database_identity(pg1) == database_identity(pg2)
-    assert database_identity(pg1) != database_identity(create_engine("postgresql://u@h:5432/db2"))
+    assert database_identity(pg1) != database_identity(
+        create_engine("postgresql+psycopg://u@h:5432/db2")
+    )
 
 
 # ---------------------------------------------------------------------------
