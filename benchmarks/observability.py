@@ -112,6 +112,7 @@ def main() -> int:
     verifier = Verifier(layer, 0.01)
     variants = ["none", "listener", "prometheus", "verify 0.01"]
     samples: dict[tuple[str, str], list[float]] = {(q, v): [] for q in queries for v in variants}
+    load_before = os.getloadavg()
     for _ in range(rounds):
         for qname, run in queries.items():
             for variant in variants:
@@ -128,7 +129,7 @@ def main() -> int:
     verifier.wait_idle(30)
 
     print(f"Python {sys.version.split()[0]}, {calls} calls x {rounds} rounds per variant")
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {load_before}")
     for qname in queries:
         base = statistics.median(samples[(qname, "none")])
         print(f"{qname}")

@@ -66,19 +66,15 @@ class CacheEvent:
         ``breaker``: ``opened`` or ``closed``.
     """
 
-    __slots__ = (
-        "cause",
-        "elapsed",
-        "error",
-        "fingerprint",
-        "kind",
-        "operation",
-        "reason",
-        "region",
-        "state",
-        "tables",
-        "values",
-    )
+    # What a kind does not use stays at these class-level defaults: a hit event
+    # sets four attributes, which halves its cost against setting all eleven.
+    reason: str | None = None
+    tables: tuple[str, ...] | None = None
+    values: Any = None
+    cause: str | None = None
+    operation: str | None = None
+    error: BaseException | None = None
+    state: str | None = None
 
     def __init__(
         self,
@@ -86,26 +82,20 @@ class CacheEvent:
         region: str | None,
         fingerprint: str | None = None,
         elapsed: float | None = None,
-        *,
-        reason: str | None = None,
-        tables: Sequence[str] | None = None,
-        values: Any = None,
-        cause: str | None = None,
-        operation: str | None = None,
-        error: BaseException | None = None,
-        state: str | None = None,
+        **details: Any,
     ) -> None:
         self.kind = kind
         self.region = region
         self.fingerprint = fingerprint
         self.elapsed = elapsed
-        self.reason = reason
-        self.tables = tuple(tables) if tables is not None else None
-        self.values = values
-        self.cause = cause
-        self.operation = operation
-        self.error = error
-        self.state = state
+        if details:
+            unknown = set(details) - _DETAILS
+            if unknown:
+                raise TypeError(f"CacheEvent: unknown attributes {sorted(unknown)}")
+            tables = details.get("tables")
+            if tables is not None:
+                details["tables"] = tuple(tables)
+            self.__dict__.update(details)
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -126,6 +116,8 @@ class CacheEvent:
         )
         return f"<CacheEvent {self.kind} {shown}>"
 
+
+_DETAILS = frozenset(("reason", "tables", "values", "cause", "operation", "error", "state"))
 
 #: what ``add_listener`` takes
 Listener = Callable[[CacheEvent], Any]
