@@ -299,6 +299,8 @@ class Verifier:
 
     def _rerun(self, item: _Sample) -> Record:
         """The statement's result now, from the database, recorded like an entry."""
+        if getattr(item.engine.dialect, "is_async", False):
+            return self._rerun_async(item)
         marker = _orm_loading._new_runid()
         # inside a collector the layer's hook leaves every query alone
         # (uncached, uncounted), whatever session class it is installed on
@@ -308,6 +310,37 @@ class Verifier:
             )
             frozen = result.freeze()
             return record_from_frozen(frozen, marker, 0, item.record.tables)
+
+    def _rerun_async(self, item: _Sample) -> Record:
+        """:meth:`_rerun` for an asyncio engine, on an event loop of this thread.
+
+        The application's pooled connections belong to its own event loop
+        (asyncpg's cannot be used from another), so the re-run opens its own
+        connection: an engine on the same dialect, URL and connect arguments
+        (the pool recreated, unpooled after use), disposed at once.
+        """
+        import asyncio
+
+        from sqlalchemy.engine import Engine
+        from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+        source = item.engine
+        copy = Engine(source.pool.recreate(), source.dialect, source.url)
+
+        async def rerun() -> Record:
+            engine = AsyncEngine(copy)
+            try:
+                async with AsyncSession(engine) as session:
+                    marker = _orm_loading._new_runid()
+                    result = await session.execute(
+                        item.statement, item.parameters, execution_options=item.options
+                    )
+                    return record_from_frozen(result.freeze(), marker, 0, item.record.tables)
+            finally:
+                await engine.dispose()
+
+        with collecting():  # a ContextVar: the loop's task inherits it
+            return asyncio.run(rerun())
 
     def _publish(self, rs: Any) -> None:
         now = time.time()

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from _models import User
 from conftest import CacheEnv
+from dogpile.cache import make_region
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
@@ -276,3 +277,56 @@ def test_relationship_lazy_loads_are_verified_too(make_env: Callable[..., CacheE
     emails()
     _idle(env.layer)
     assert env.layer.stats()["verified_stale"] == 1, "the lazy load's hit, not the parent's"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_async_sessions_are_verified(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """AsyncSession hits are re-run on the verifier's own loop and connection."""
+    import asyncio
+
+    from _models import Base, seed
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/async.db"
+    else:
+        url = request.getfixturevalue("pg_engine_url")
+        url = url.replace("postgresql+psycopg://", "postgresql+asyncpg://").replace(
+            "postgresql://", "postgresql+asyncpg://"
+        )
+    raw_url = url.replace("+aiosqlite", "").replace("+asyncpg", "+psycopg")
+    layer = scl.CacheLayer(
+        {"default": make_region().configure("dogpile.cache.memory")}, verify_sample_rate=1.0
+    )
+
+    async def main() -> None:
+        engine = create_async_engine(url)
+        factory = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        async with engine.connect() as conn:
+            await conn.run_sync(lambda c: seed(sessionmaker(c)))
+            await conn.commit()
+        stmt = select(User).where(User.id == 1).options(scl.FromCache())
+        for _ in range(3):
+            async with factory() as s:
+                (await s.execute(stmt)).scalar_one()
+        assert layer._verifier.wait_idle(30)
+        stats = layer.stats()
+        assert (stats["verified"], stats["verified_stale"]) == (2, 0), stats
+        # behind the layer's back: a synchronous engine of its own
+        from sqlalchemy import create_engine, text
+
+        hidden = create_engine(raw_url)
+        with hidden.begin() as conn:
+            conn.execute(text("UPDATE users SET name = 'behind' WHERE id = 1"))
+        hidden.dispose()
+        async with factory() as s:
+            assert (await s.execute(stmt)).scalar_one().name != "behind"
+        assert layer._verifier.wait_idle(30)
+        assert layer.stats()["verified_stale"] == 1
+        await engine.dispose()
+
+    asyncio.run(main())
