@@ -16,10 +16,13 @@ Concurrency: one layer is shared by every thread and session.
   read and its result metadata; ``_hints``) are bounded, lock-free dicts; a
   shape's attributes are replaced whole, never mutated: a lost race only
   recomputes.
-* The only lock held across I/O is the per-key single-flight mutex of a miss
-  (one of 1,024 striped in-process locks, or the backend's distributed lock
-  where it offers one): later misses of the same key wait there for the
-  first one's query (G6).
+* Single flight (G6): a miss claims its key in its region's
+  :class:`~sqla_cachelayer._flight.Flights` (threads and coroutines alike);
+  later misses of the key in this process wait for that claim to land (a
+  thread on an event, a coroutine on a future of its loop), then look again.
+  The only locks held across I/O are a thread's per-key mutex (one of 1,024
+  striped in-process locks) and the backend's distributed lock where it offers
+  one (across processes); a coroutine never blocks on either.
 * Per-transaction state lives on the root ``SessionTransaction`` (the ``seq``
   its snapshot starts after); per-transaction write sets live
   on the DBAPI connection (``connection.info``).
@@ -45,6 +48,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 from . import _compat
 from . import keys as _keys
 from ._aio import sqlalchemy_asyncio
+from ._flight import Flights
 from .events import CacheEvent, Listener, dispatch
 from .exc import ConfigurationError
 from .invalidation import (
@@ -99,6 +103,7 @@ log_bypass = logging.getLogger("sqla_cachelayer.bypass")
 T = TypeVar("T")
 
 _NO_HINT = object()
+_BYPASSED = object()  # _look_again: the backend failed, the query runs uncached
 _ALL_ONLY = (ALL_TABLES,)  # the tables of a statement never seen: only invalidate_all's
 _DEFAULT_LOAD_OPTIONS = QueryContext.default_load_options
 #: set in ``session.info`` by :func:`~sqla_cachelayer.run_in_transaction`
@@ -146,6 +151,8 @@ class _RegionState:
         self.last_seen = 0
         # entries this process has written (see CacheLayer._miss)
         self.fills = 0
+        # misses in the air in this process, by key (single flight, G6)
+        self.flights = Flights()
 
 
 class _Shape:
@@ -1070,51 +1077,66 @@ class CacheLayer:
         rs = hint.region
         stats = self._stats
         session = orm_context.session
-        mutex = None
-        # Wait for another caller's fill only when waiting cannot deadlock:
-        # dogpile's mutex is a threading lock, so inside an event loop's greenlet
-        # a blocking wait would stall the loop; and a session already holding a
-        # transaction may hold database locks (SQLite BEGIN IMMEDIATE, FOR
-        # UPDATE) that the fill it would wait for needs. Those only try the lock.
+        flights = rs.flights
+        # no greenlet without SQLAlchemy's asyncio extension (nor, maybe, greenlet)
+        aio = sqlalchemy_asyncio() is not None and in_greenlet()
+        # A session already holding a transaction may hold database locks
+        # (SQLite BEGIN IMMEDIATE, FOR UPDATE) that the fill it would wait for
+        # needs: it never waits, it only claims the key if nobody has.
+        may_wait = not self._holds_connection(session)
         waited = False
-        try:
-            candidate = rs.store.mutex(key)
-            if candidate.acquire(False):
-                mutex = candidate
-            elif not in_greenlet() and not self._holds_connection(session):
+        flight = flights.claim(key)
+        while flight is None and may_wait:
+            current = flights.current(key)
+            if current is not None:
+                # G6: another thread or coroutine of this process is filling
+                # the key; a coroutine waits on its loop, not on a thread lock
+                if aio:
+                    flights.wait_async(current)
+                else:
+                    flights.wait(current)
                 waited = True
-                if candidate.acquire(True):
-                    mutex = candidate
-        except Exception as err:
-            self._backend_error(rs, "lock", err)
-            self._bypass(rs, "backend_error", orm_context)
-            return None
+                hit, found = self._look_again(orm_context, hint, key, shape, found, ck, started)
+                if hit is not None:
+                    return None if hit is _BYPASSED else hit
+            flight = flights.claim(key)
+        mutex = None
         try:
-            if mutex is not None and (waited or rs.store.shared_fills or rs.fills != fills):
-                # another caller may have filled the key since our lookup (G6):
-                # certainly if we waited for its lock; if we got the lock at
-                # once, only a fill this process counted in ``rs.fills`` since
-                # the lookup, or one by another process, can have landed
+            if flight is not None and (rs.store.shared_fills or not aio):
+                # across processes, the backend's distributed mutex; for
+                # threads also the striped lock as before. A coroutine never
+                # blocks on either: it polls, sleeping on its loop, and holds
+                # no in-process lock that anything of this process waits on
+                # (every other miss here waits on the flight above)
                 try:
-                    tables = shape.tables
-                    again = rs.store.lookup(
-                        key, self._stamp_names(tables, ck, orm_context.parameters)
-                    )
-                    if again.payload is not None and again.payload == found.payload:
-                        hit = None  # the entry already refused: stamps and age only grow
-                    else:
-                        hit = self._try_hit(orm_context, hint, shape, again, tables, ck)
+                    candidate = rs.store.mutex(key)
+                    if candidate.acquire(False):
+                        mutex = candidate
+                    elif may_wait:
+                        waited = True
+                        if not aio:
+                            if candidate.acquire(True):
+                                mutex = candidate
+                        else:
+                            pause = 0.001
+                            while not candidate.acquire(False):
+                                flights.pause(pause)
+                                pause = min(pause * 2, 0.05)
+                            mutex = candidate
                 except Exception as err:
-                    self._backend_error(rs, "lookup", err)
+                    self._backend_error(rs, "lock", err)
                     self._bypass(rs, "backend_error", orm_context)
                     return None
+            if (mutex is not None or flight is not None) and (
+                waited or rs.store.shared_fills or rs.fills != fills
+            ):
+                # another caller may have filled the key since our lookup (G6):
+                # certainly if we waited for it; if we got the key at once,
+                # only a fill this process counted in ``rs.fills`` since the
+                # lookup, or one by another process, can have landed
+                hit, found = self._look_again(orm_context, hint, key, shape, found, ck, started)
                 if hit is not None:
-                    elapsed = perf_counter() - started
-                    stats.hit(rs.index, shape.digest, orm_context.statement, elapsed)
-                    if self._listeners:
-                        self._emit("hit", rs, shape.digest, elapsed)
-                    return hit
-                found = again
+                    return None if hit is _BYPASSED else hit
             stats.incr("misses", 1, rs.index)
             seq_now = found.seq
             if seq_now is None:
@@ -1134,6 +1156,18 @@ class CacheLayer:
                 snapshot_seq = min(snapshot_seq, behind)
             marker = _orm_loading._new_runid()
             with collecting() as collector:
+                if aio and flight is not None:
+                    # cancelled mid-query: wake the waiters and free the lock
+                    # now, not once SQLAlchemy has discarded the connection
+                    # (which waits for the driver's statement to end)
+                    def abort() -> None:
+                        nonlocal mutex
+                        flights.land(key, flight)
+                        if mutex is not None:
+                            held, mutex = mutex, None
+                            self._release(held)
+
+                    collector.on_abort = abort
                 raw = orm_context.invoke_statement()
                 frozen = raw.freeze()
             if raw._unique_filter_state is not None:
@@ -1163,6 +1197,41 @@ class CacheLayer:
         finally:
             if mutex is not None:
                 self._release(mutex)
+            if flight is not None:
+                flights.land(key, flight)
+
+    def _look_again(
+        self,
+        orm_context: ORMExecuteState,
+        hint: _Hint,
+        key: str,
+        shape: _Shape,
+        found: Lookup,
+        ck: Any,
+        started: float,
+    ) -> tuple[Any, Lookup]:
+        """Look ``key`` up again after waiting for (or taking) its fill: the
+        result to serve (``_BYPASSED`` if the backend failed) or ``None``, and
+        what the lookup found."""
+        rs = hint.region
+        try:
+            tables = shape.tables
+            again = rs.store.lookup(key, self._stamp_names(tables, ck, orm_context.parameters))
+            if again.payload is not None and again.payload == found.payload:
+                hit = None  # the entry already refused: stamps and age only grow
+            else:
+                hit = self._try_hit(orm_context, hint, shape, again, tables, ck)
+        except Exception as err:
+            self._backend_error(rs, "lookup", err)
+            self._bypass(rs, "backend_error", orm_context)
+            return _BYPASSED, found
+        if hit is None:
+            return None, again
+        elapsed = perf_counter() - started
+        self._stats.hit(rs.index, shape.digest, orm_context.statement, elapsed)
+        if self._listeners:
+            self._emit("hit", rs, shape.digest, elapsed)
+        return hit, again
 
     def _release(self, mutex: Any) -> None:
         try:

@@ -440,13 +440,32 @@ class ReadCollector:
     invalidation pins only tables that the main statement alone reads.
     """
 
-    __slots__ = ("main", "others", "tables", "wrote")
+    __slots__ = ("main", "on_abort", "others", "tables", "wrote")
 
     def __init__(self) -> None:
         self.tables: set[str] = set()
         self.wrote = False
         self.main: Any = None
         self.others: set[str] = set()
+        #: called once if a statement of the miss is stopped by a
+        #: ``BaseException`` that is not an ``Exception`` (a cancelled
+        #: coroutine), before SQLAlchemy's own cleanup of the connection
+        self.on_abort: Callable[[], None] | None = None
+
+
+def _aborted(err: BaseException) -> None:
+    """A statement was stopped by ``err``: tell the miss running it, if any.
+
+    SQLAlchemy answers a cancelled statement by discarding its connection,
+    which may wait for the driver (aiosqlite closes a connection only after
+    its running statement ends); the miss's waiters need not wait for that.
+    """
+    if isinstance(err, Exception):
+        return
+    collector = _collector.get()
+    if collector is not None and collector.on_abort is not None:
+        callback, collector.on_abort = collector.on_abort, None
+        callback()
 
 
 _collector: ContextVar[ReadCollector | None] = ContextVar("sqla_cachelayer_collector", default=None)
@@ -661,7 +680,11 @@ def _wrap_dialect(dialect: Any) -> _EngineWatch:
             do_execute(cursor, statement, parameters, context)
             after_statement(context)  # only a write can need it
         else:
-            do_execute(cursor, statement, parameters, context)
+            try:
+                do_execute(cursor, statement, parameters, context)
+            except BaseException as err:
+                _aborted(err)
+                raise
 
     def wrapped_executemany(
         cursor: Any, statement: str, parameters: Any, context: Any = None
@@ -677,7 +700,11 @@ def _wrap_dialect(dialect: Any) -> _EngineWatch:
             do_execute_no_params(cursor, statement, context)
             after_statement(context)  # only a write can need it
         else:
-            do_execute_no_params(cursor, statement, context)
+            try:
+                do_execute_no_params(cursor, statement, context)
+            except BaseException as err:
+                _aborted(err)
+                raise
 
     def wrapped_commit(dbapi_connection: Any) -> None:
         do_commit(dbapi_connection)
