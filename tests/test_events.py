@@ -239,3 +239,19 @@ def test_debug_log_says_why_a_query_was_not_cached(
     messages = [r.getMessage() for r in caplog.records if r.name == "sqla_cachelayer.bypass"]
     assert any("not cached (for_update)" in m for m in messages), messages
     assert any("not cached (own_writes)" in m for m in messages), messages
+
+
+def test_debug_log_says_why_a_result_was_not_stored(
+    make_env: Callable[..., CacheEnv], caplog: pytest.LogCaptureFixture
+) -> None:
+    env = make_env(real_transactions=True)
+    with caplog.at_level(logging.DEBUG, logger="sqla_cachelayer.bypass"), env.Session() as s1:
+        s1.get(User, 3)  # the transaction (and its snapshot) starts here
+        with env.Session() as s2:
+            s2.get(User, 1).score = 11
+            s2.commit()
+        # a miss from a snapshot older than that commit: served, not published (G3)
+        s1.scalars(select(User).where(User.id == 1).options(scl.FromCache())).all()
+    messages = [r.getMessage() for r in caplog.records if r.name == "sqla_cachelayer.bypass"]
+    assert any("result not stored (overtaken_by_commit)" in m for m in messages), messages
+    assert env.layer.stats()["not_stored"] == 1
