@@ -24,8 +24,8 @@ sample the worker
 ``stats()`` reports ``verified`` (conclusive checks), ``verified_stale`` and
 ``verified_nines`` (see :func:`sqla_cachelayer.stats.verified_nines`).
 
-Each process also publishes its own totals, at most once a second, in an
-entry of the region the sample came from; :func:`run_verifier` (the command
+Each process also publishes its own totals, at most once a second and within
+a second of its last check, in an entry of the region the sample came from; :func:`run_verifier` (the command
 line's ``verify --for SECONDS``) reads them from another process.
 """
 
@@ -121,6 +121,8 @@ class Verifier:
         # this process's totals per region index, written by the worker only
         self._totals: dict[int, list[int]] = {}
         self._published = 0.0
+        # regions whose totals changed since they were last published (worker only)
+        self._unpublished: dict[int, Any] = {}
         self._token = uuid.uuid4().hex[:12]
         # fingerprints whose re-run failed, warned about once (worker only)
         self._failed: set[str] = set()
@@ -214,8 +216,12 @@ class Verifier:
         q = self._queue
         while True:
             try:
-                item = q.get(timeout=IDLE_SECONDS)
+                # totals not yet published are written within PUBLISH_EVERY
+                item = q.get(timeout=PUBLISH_EVERY if self._unpublished else IDLE_SECONDS)
             except queue.Empty:
+                if self._unpublished:
+                    self._publish(force=True)
+                    continue
                 with self._lock:
                     if q.empty():
                         # idle: end, so that an unused layer is not kept alive
@@ -295,7 +301,8 @@ class Verifier:
                 layer._emit(
                     "stale_found", item.rs, item.fingerprint, reason=difference, tables=tables
                 )
-        self._publish(item.rs)
+        self._unpublished[index] = item.rs
+        self._publish(force=False)
 
     def _rerun(self, item: _Sample) -> Record:
         """The statement's result now, from the database, recorded like an entry."""
@@ -342,11 +349,18 @@ class Verifier:
         with collecting():  # a ContextVar: the loop's task inherits it
             return asyncio.run(rerun())
 
-    def _publish(self, rs: Any) -> None:
+    def _publish(self, force: bool) -> None:
+        """Write this process's totals for the regions that changed (rate-limited)."""
         now = time.time()
-        if now - self._published < PUBLISH_EVERY:
+        if not self._unpublished or (not force and now - self._published < PUBLISH_EVERY):
             return
         self._published = now
+        regions = list(self._unpublished.values())
+        self._unpublished.clear()
+        for rs in regions:
+            self._publish_region(rs, now)
+
+    def _publish_region(self, rs: Any, now: float) -> None:
         verified, stale = self._totals.get(rs.index, [0, 0])
         key = rs.prefix + PUBLISH_SUFFIX
         try:
