@@ -41,7 +41,6 @@ from dogpile.cache.region import CacheRegion
 from sqlalchemy import Table, event, inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
-from sqlalchemy.orm import loading as _orm_loading
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -753,9 +752,7 @@ class CacheLayer:
         engine = connection.engine
         if id(engine) not in self._engines:
             self._watch(engine)
-        root = session._transaction
-        while root is not None and root._parent is not None:
-            root = root._parent
+        root = _compat.root_transaction(session)
         if root is not None and self._begin_key not in root.__dict__:
             # the snapshot this transaction reads starts after this point, so
             # anything read before now is a safe lower bound for it. Kept on
@@ -1154,7 +1151,7 @@ class CacheLayer:
                 # in microseconds at each bump, see invalidation.py)
                 behind = wall_clock_seq() - int((seconds(lag, "cache_replica_lag") or 0) * 1e6)
                 snapshot_seq = min(snapshot_seq, behind)
-            marker = _orm_loading._new_runid()
+            marker = _compat.new_runid()
             with collecting() as collector:
                 if aio and flight is not None:
                     # cancelled mid-query: wake the waiters and free the lock

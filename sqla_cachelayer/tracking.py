@@ -38,6 +38,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.schema import MetaData, Table
 from sqlalchemy.sql.selectable import TableClause
 
+from ._compat import is_autocommit_isolation
 from .invalidation import ALL_TABLES, ANY_TABLE
 from .keys import BoundedMemo
 from .rows import MAX_WRITE_STAMPS, FlushRows, any_rows, key_columns, value_names
@@ -411,7 +412,10 @@ def _writes_of(compiled: Any) -> frozenset[str]:
         for t in sql_util.find_tables(target, include_aliases=True, include_joins=True):
             if isinstance(t, TableClause):
                 names.add(_noted_name(t))
-    for extra in getattr(stmt, "_extra_froms", ()) or ():
+    # UPDATE ... FROM / DELETE ... USING and MySQL's multi-table UPDATE: the
+    # other tables are on the compile state (the statement has no such field)
+    compile_state = getattr(compiled, "compile_state", None)
+    for extra in getattr(compile_state, "_extra_froms", ()) or ():
         for t in sql_util.find_tables(extra, include_aliases=True, include_joins=True):
             if isinstance(t, TableClause):
                 names.add(_noted_name(t))
@@ -625,7 +629,7 @@ class _EngineWatch:
         # with AUTOCOMMIT the driver committed already: there will be no COMMIT
         conn = context.root_connection
         info = _info_of(conn)
-        if info is not None and _WRITTEN in info and conn._is_autocommit_isolation():
+        if info is not None and _WRITTEN in info and is_autocommit_isolation(conn):
             pending = info.pop(_WRITTEN, None)
             if pending:
                 self.committed(pending)
