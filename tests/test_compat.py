@@ -106,9 +106,7 @@ def test_multi_table_update_counts_every_table_as_written() -> None:
     from sqla_cachelayer.tracking import _writes_of
 
     stmt = (
-        update(User)
-        .where(User.id == Address.user_id)
-        .values({User.name: "x", Address.email: "y"})
+        update(User).where(User.id == Address.user_id).values({User.name: "x", Address.email: "y"})
     )
     compiled = stmt.compile(dialect=mysql.dialect())
     assert "addresses" in str(compiled).split("SET")[0]
