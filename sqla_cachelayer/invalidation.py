@@ -245,15 +245,41 @@ class LocalStampStore(StampStore):
             s = max(counters.get(self.seq_key, 0) + 1, _floor())
             counters[self.seq_key] = s
             for key in keys:
-                if counters.get(key, 0) < s:
-                    counters[key] = s
+                current = counters.pop(key, 0)  # re-inserted: now the newest
+                counters[key] = current if current > s else s
+            if len(counters) > _MAX_LOCAL_COUNTERS:
+                _drop_oldest_stamps(counters)
         return s
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
         keys = self.stamp_keys(tables)
         with self._lock:
+            counters = self._counters
             for key in keys:
-                self._counters.setdefault(key, value)
+                counters.setdefault(key, value)
+            if len(counters) > _MAX_LOCAL_COUNTERS:
+                _drop_oldest_stamps(counters)
+
+
+#: Bound of a per-process backend's stamp dict (row-level invalidation keeps a
+#: stamp per key value). A dropped stamp reads as missing, which the protocol
+#: counts as invalid: it costs a miss, never a stale answer.
+_MAX_LOCAL_COUNTERS = 100_000
+
+
+def _drop_oldest_stamps(counters: dict[str, int]) -> None:
+    # under the store's lock; the oldest eighth at once (amortized); sequences
+    # (":seq" keys) are kept
+    target = _MAX_LOCAL_COUNTERS - _MAX_LOCAL_COUNTERS // 8
+    drop: list[str] = []
+    excess = len(counters) - target
+    for key in counters:
+        if len(drop) >= excess:
+            break
+        if not key.endswith(":seq"):
+            drop.append(key)
+    for key in drop:
+        counters.pop(key, None)
 
 
 class CounterStampStore(StampStore):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from time import perf_counter
 from typing import Any, Literal, TypeVar, overload
@@ -304,8 +305,10 @@ class CacheLayer:
         self._hints: _keys.BoundedMemo[tuple[Any, ...], _Hint] = _keys.BoundedMemo(1000)
         # install state; guarded by _install_lock
         self._install_lock = threading.Lock()
-        self._installed: dict[int, Any] = {}
-        self._engines: dict[int, Engine] = {}
+        # held weakly: a layer lives as long as the process, the sessions and
+        # engines it is installed on may come and go by the thousand
+        self._installed: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._engines: dict[int, weakref.ref[Engine]] = {}
         self._begin_key = f"_sqla_cachelayer_begin_{id(self)}"
         # region names asked for and not configured, warned about once (bounded)
         self._unknown_regions: set[Any] = set()
@@ -366,10 +369,10 @@ class CacheLayer:
         events_target = self._events_target(target)
         self._check_session_options(target)
         with self._install_lock:
-            if id(events_target) in self._installed:
+            if events_target in self._installed:
                 return target
             self._listen(events_target)
-            self._installed[id(events_target)] = events_target
+            self._installed.add(events_target)
         for bind in self._binds_of(target):
             self._watch(bind)
         return target
@@ -381,8 +384,9 @@ class CacheLayer:
             return
         events_target = self._events_target(target)
         with self._install_lock:
-            if self._installed.pop(id(events_target), None) is None:
+            if events_target not in self._installed:
                 return
+            self._installed.discard(events_target)
             self._unlisten(events_target)
 
     def _listen(self, target: Any) -> None:
@@ -467,8 +471,16 @@ class CacheLayer:
         engine = engine.engine
         if id(engine) in self._engines:
             return
+        key = id(engine)
+        engines = self._engines
+
+        def forget(ref: weakref.ref[Engine]) -> None:
+            # runs as the engine is freed, before its id can be reused
+            if engines.get(key) is ref:
+                del engines[key]
+
         with self._install_lock:
-            self._engines[id(engine)] = engine
+            engines[key] = weakref.ref(engine, forget)
         watch_engine(engine, id(self), self._committed)
 
     # ------------------------------------------------------------------
@@ -1276,7 +1288,7 @@ class CacheLayer:
         except (NotRecordable, Exception) as err:
             self._not_stored(rs, f"not_recordable: {err}", shape)
             return False
-        shape.metadata = frozen.metadata
+        shape.metadata = record.metadata  # without the query's context: see detached_metadata
         names = self._stamp_names(tables, ck, orm_context.parameters)
         try:
             stamps = rs.store.lookup(None, names).stamps

@@ -44,6 +44,7 @@ import decimal
 import enum
 import hmac
 import pickle
+import threading
 import time
 import uuid
 from collections.abc import Callable, Container, Iterable
@@ -210,10 +211,57 @@ def dump_record(record: Record) -> bytes:
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-# payload identity -> (payload, decoded record, shareable: None until asked)
-_decoded: BoundedMemo[int, tuple[bytes, Record, bool | None]] = BoundedMemo(256)
-#: payloads above this size are never kept decoded (bounds the memo's memory)
-_DECODED_MAX_BYTES: Final = 64 * 1024
+class _DecodedMemo:
+    """Payload identity -> (payload, decoded record, shareable: None until asked).
+
+    Bounded by count and by the summed size of the payloads it keeps (a record
+    decoded takes a few times its payload's size): it sits outside every
+    backend's own bound, so its own is small. ``get`` is a plain dict read;
+    ``_lock`` guards the dict's writes and ``bytes``.
+    """
+
+    __slots__ = ("_lock", "bytes", "entries", "get", "max_bytes", "max_entries")
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.entries: dict[int, tuple[bytes, Record, bool | None]] = {}
+        self.get = self.entries.get
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, payload: bytes, record: Record, shareable: bool | None) -> None:
+        size = len(payload)
+        if size > self.max_bytes // 8:
+            return  # never kept: a few large payloads would push out every small one
+        key = id(payload)
+        with self._lock:
+            entries = self.entries
+            old = entries.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old[0])
+            while entries and (
+                len(entries) >= self.max_entries or self.bytes + size > self.max_bytes
+            ):
+                _, dropped = _pop_oldest(entries)
+                self.bytes -= len(dropped[0])
+            entries[key] = (payload, record, shareable)
+            self.bytes += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+            self.bytes = 0
+
+
+def _pop_oldest(entries: dict[int, Any]) -> tuple[int, Any]:
+    key = next(iter(entries))
+    return key, entries.pop(key)
+
+
+#: decoded records of byte payloads, reused while the backend hands out the
+#: very same payload object (in-process backends that store bytes)
+_decoded = _DecodedMemo(max_entries=256, max_bytes=1024 * 1024)
 
 
 def load_record(payload: bytes) -> Record:
@@ -227,13 +275,13 @@ def load_record(payload: bytes) -> Record:
         shareable = found[2]
         if shareable is None:
             shareable = record_is_shareable(found[1])
-            _decoded.put(id(payload), (payload, found[1], shareable))
+            _decoded.put(payload, found[1], shareable)
         if shareable:
             return found[1]
         return _decode(payload)
     record = _decode(payload)
-    if type(payload) is bytes and len(payload) <= _DECODED_MAX_BYTES:
-        _decoded.put(id(payload), (payload, record, None))
+    if type(payload) is bytes:
+        _decoded.put(payload, record, None)
     return record
 
 
@@ -532,7 +580,7 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         objects[position] = (cls, key, lid, values, rel_values)
 
     return Record(
-        frozen.metadata,
+        detached_metadata(frozen.metadata),
         dict(frozen._attributes),
         bool(frozen._source_supports_scalars),
         rows,
@@ -543,6 +591,46 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         tables,
         time.time(),
     )
+
+
+class _NoYieldPer:
+    _yield_per = None
+
+
+def detached_metadata(metadata: ResultMetaData) -> ResultMetaData:
+    """``metadata`` without the ORM's closure over the query's context.
+
+    SQLAlchemy 2.1 gives an ORM result's metadata a ``_create_unique_filters``
+    function that closes over the query's context, and so over its session,
+    the session's engine and everything they hold: a record kept as an object,
+    or a memo of metadata, would keep all of them alive. The copy returned
+    computes the filters once and keeps only those (per-column hash functions).
+    """
+    create = getattr(metadata, "_create_unique_filters", None)
+    if create is None:
+        return metadata  # SQLAlchemy 2.0: the filters are a plain list already
+    try:
+        filters: list[Any] | None = list(create(_NoYieldPer))
+    except Exception:
+        filters = None
+    copy = metadata.__class__.__new__(metadata.__class__)
+    for cls in type(metadata).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if hasattr(metadata, name):
+                setattr(copy, name, getattr(metadata, name))
+    copy._create_unique_filters = None if filters is None else _unique_filters(filters)  # type: ignore[misc]
+    return copy
+
+
+def _unique_filters(filters: list[Any]) -> Callable[[Any], list[Any]]:
+    def create_unique_filters(result: Any) -> list[Any]:
+        if result._yield_per:
+            raise InvalidRequestError(
+                "Can't use the ORM yield_per feature in conjunction with unique()"
+            )
+        return filters
+
+    return create_unique_filters
 
 
 def _members(collection: Any) -> list[Any]:

@@ -29,8 +29,12 @@ shares that one object, which the layer never mutates.
 Beside the cache entries the backend keeps *counters*, plain integers that
 the cache layer's invalidation protocol reads and bumps (see
 :meth:`BoundedMemoryBackend.bump_counters`).  They live in a separate dict that
-eviction never touches: losing a counter would let an invalidated entry be
-served again.
+evicting entries never touches, with a bound of its own: at most
+``4 * max_entries`` counters (at least 1,024; row-level invalidation keeps one
+per key value written or read).  Past it the counters least recently created
+or bumped are dropped, never a sequence: the protocol counts a missing stamp
+as *invalid* and recreates it at the current sequence, so a dropped counter
+costs a miss of the entries that read it, never a stale answer.
 """
 
 from __future__ import annotations
@@ -141,8 +145,11 @@ class BoundedMemoryBackend(CacheBackend):
             # cachetools bounds one measure; bytes are the LRU's own bound
             # and entries are enforced after each insert (see _store).
             self._lru = _CountingLRU(self.max_bytes, getsizeof=_value_size)
-        # Counters of the invalidation protocol: never evicted, see module doc.
+        # Counters of the invalidation protocol: bounded apart from the
+        # entries, sequences never dropped (see module doc).
         self._counters: dict[str, int] = {}
+        self._seq_keys: set[str] = set()
+        self.max_counters = max(4 * self.max_entries, 1024)
         self.rejections = 0
 
     # -- introspection -----------------------------------------------------
@@ -275,10 +282,12 @@ class BoundedMemoryBackend(CacheBackend):
             counters = self._counters
             seq = max(counters.get(seq_key, 0) + 1, floor)
             counters[seq_key] = seq
+            self._seq_keys.add(seq_key)
             for stamp_key in stamp_keys:
-                current = counters.get(stamp_key)
-                if current is None or current < seq:
-                    counters[stamp_key] = seq
+                current = counters.pop(stamp_key, None)  # re-inserted: now the newest
+                counters[stamp_key] = seq if current is None or current < seq else current
+            if len(counters) > self.max_counters:
+                self._drop_counters()
             return seq
 
     def add_counters(self, keys: Sequence[str], value: int) -> None:
@@ -293,6 +302,22 @@ class BoundedMemoryBackend(CacheBackend):
             counters = self._counters
             for key in keys:
                 counters.setdefault(key, value)
+            if len(counters) > self.max_counters:
+                self._drop_counters()
+
+    def _drop_counters(self) -> None:
+        # under _lock; the oldest eighth at once, so the cost is amortized
+        counters = self._counters
+        target = self.max_counters - self.max_counters // 8
+        seq_keys = self._seq_keys
+        drop: list[str] = []
+        for key in counters:
+            if len(counters) - len(drop) <= target:
+                break
+            if key not in seq_keys:
+                drop.append(key)
+        for key in drop:
+            del counters[key]
 
     def read_counters(self, keys: Sequence[str]) -> list[int | None]:
         """Current values of ``keys``, ``None`` for counters that do not exist."""
