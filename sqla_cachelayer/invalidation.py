@@ -61,6 +61,7 @@ from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
 from sqlalchemy.util.concurrency import await_only, in_greenlet
 
+from ._fork import at_fork_in_child, renew_after_fork
 from .keys import BoundedMemo
 
 __all__ = [
@@ -136,6 +137,11 @@ class StampStore(ABC):
         except Exception:  # a backend that cannot answer now: keep dogpile's behaviour
             probe = True
         self._distributed_mutex = probe is not None
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # a stripe held by a parent thread's miss would never be released here
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
     @property
@@ -226,6 +232,13 @@ class LocalStampStore(StampStore):
         # dogpile.cache.memory keeps values by reference (memory_pickle does not)
         self.stores_objects = type(backend).__name__ == "MemoryBackend"
 
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        # the shared (lock, counters) pair was renewed by _renew_shared_locks
+        found = LocalStampStore._shared.get(self.region.actual_backend)
+        if found is not None:
+            self._lock, self._counters = found
+
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         counters = self._counters
         seq = counters.get(self.seq_key)
@@ -259,6 +272,21 @@ class LocalStampStore(StampStore):
                 counters.setdefault(key, value)
             if len(counters) > _MAX_LOCAL_COUNTERS:
                 _drop_oldest_stamps(counters)
+
+
+@at_fork_in_child
+def _renew_shared_locks() -> None:
+    LocalStampStore._shared_lock = threading.Lock()
+    for backend, (lock, counters) in list(LocalStampStore._shared.items()):
+        if lock.locked():
+            # a parent thread was inside a bump: this copy of the counters may
+            # have some of its stamps moved and not others; move them all
+            # (this process's copy of the cache loses its entries, never
+            # serves one the bump was meant to hide)
+            top = max(counters.values(), default=0) + 1
+            for key in counters:
+                counters[key] = top
+        LocalStampStore._shared[backend] = (threading.Lock(), counters)
 
 
 #: Bound of a per-process backend's stamp dict (row-level invalidation keeps a
@@ -531,6 +559,10 @@ class MutexStampStore(StampStore):
     def __init__(self, region: CacheRegion, namespace: str) -> None:
         super().__init__(region, namespace)
         self._local_lock = threading.Lock()  # used when the backend has no mutex
+
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        self._local_lock = threading.Lock()
 
     def _read_counter(self, raw: Any) -> int | None:
         payload = self._decode_entry(raw)

@@ -31,6 +31,7 @@ Concurrency: one layer is shared by every thread and session.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 import weakref
@@ -49,6 +50,7 @@ from . import _compat
 from . import keys as _keys
 from ._aio import sqlalchemy_asyncio
 from ._flight import Flights
+from ._fork import renew_after_fork
 from .events import CacheEvent, Listener, dispatch
 from .exc import ConfigurationError
 from .invalidation import (
@@ -153,6 +155,10 @@ class _RegionState:
         self.fills = 0
         # misses in the air in this process, by key (single flight, G6)
         self.flights = Flights()
+
+
+class _BackendFailure(Exception):
+    """A backend call inside the hit path failed (``__cause__``): the breaker's business."""
 
 
 class _Shape:
@@ -310,10 +316,18 @@ class CacheLayer:
         self._installed: weakref.WeakSet[Any] = weakref.WeakSet()
         self._engines: dict[int, weakref.ref[Engine]] = {}
         self._begin_key = f"_sqla_cachelayer_begin_{id(self)}"
+        renew_after_fork(self)
         # region names asked for and not configured, warned about once (bounded)
         self._unknown_regions: set[Any] = set()
         #: the exporters enabled by ``metrics`` (see ``docs/metrics.md``)
         self.exporters: list[Any] = [enable_exporter(self, name) for name in exporters]
+
+    def _after_fork_in_child(self) -> None:
+        # locks a parent thread held at the fork would be held here forever
+        self._install_lock = threading.Lock()
+        self._stats._lock = threading.Lock()
+        for rs in self._state_list:
+            rs.lock = threading.Lock()
 
     # ------------------------------------------------------------------
     # construction from settings
@@ -737,6 +751,23 @@ class CacheLayer:
         )
         return done
 
+    def _layer_error(
+        self, rs: _RegionState, what: str, err: BaseException, orm_context: ORMExecuteState
+    ) -> None:
+        """An unexpected error inside the layer, not the backend's: logged with its
+        traceback, counted in ``errors``; the query goes to the database and the
+        region stays in service (only backend errors open its breaker)."""
+        self._stats.incr("errors", 1, rs.index)
+        if self._listeners:
+            self._emit("error", rs, operation=what, error=err)
+        log.error(
+            "sqla_cachelayer: region %r: unexpected error during %s; the query runs uncached",
+            rs.name,
+            what,
+            exc_info=err,
+        )
+        self._bypass(rs, "internal_error", orm_context)
+
     def _backend_error(self, rs: _RegionState, what: str, err: BaseException) -> None:
         self._stats.incr("errors", 1, rs.index)
         if self._listeners:
@@ -975,13 +1006,26 @@ class CacheLayer:
             written = None
 
         fills = rs.fills
+        # only the backend's own failures open the breaker; a fault of the
+        # layer's (a bug) costs this query its cache, not the region
         try:
-            found = rs.store.lookup(key, self._stamp_names(tables, ck, orm_context.parameters))
-            result = self._try_hit(orm_context, hint, shape, found, tables, ck)
+            names = self._stamp_names(tables, ck, orm_context.parameters)
+        except Exception as err:
+            return self._layer_error(rs, "lookup", err, orm_context)
+        try:
+            found = rs.store.lookup(key, names)
         except Exception as err:
             self._backend_error(rs, "lookup", err)
             self._bypass(rs, "backend_error", orm_context)
             return None
+        try:
+            result = self._try_hit(orm_context, hint, shape, found, tables, ck)
+        except _BackendFailure as failure:
+            self._backend_error(rs, "lookup", failure.__cause__ or failure)
+            self._bypass(rs, "backend_error", orm_context)
+            return None
+        except Exception as err:
+            return self._layer_error(rs, "hit", err, orm_context)
         if result is not None:
             elapsed = perf_counter() - started
             stats.hit(rs.index, shape.digest, statement, elapsed)
@@ -1030,14 +1074,26 @@ class CacheLayer:
                 if self._listeners:
                     self._emit("error", rs, shape.digest, operation="signature", error=err)
                 return None
-            except Exception:
+            except (
+                NotRecordable,
+                pickle.UnpicklingError,
+                EOFError,
+                AttributeError,
+                ImportError,
+                ValueError,
+            ):
+                # written by another version of the application or of this
+                # package, or cut short: a miss. Anything else is a fault
+                # (see _layer_error)
                 self._stats.stale(rs.index, shape.digest, orm_context.statement)
                 return None
         if tables is not record.tables and tables != record.tables:
             # first sight of this statement in this process: read its stamps
-            found = rs.store.lookup(
-                None, self._stamp_names(record.tables, ck, orm_context.parameters)
-            )
+            names = self._stamp_names(record.tables, ck, orm_context.parameters)
+            try:
+                found = rs.store.lookup(None, names)
+            except Exception as err:
+                raise _BackendFailure from err
             shape.tables = record.tables
         bound = record.seq
         for stamp in found.stamps:

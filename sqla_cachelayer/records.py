@@ -59,6 +59,7 @@ from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.state import InstanceState
 
+from ._fork import at_fork_in_child
 from .keys import BoundedMemo
 
 __all__ = [
@@ -262,6 +263,11 @@ def _pop_oldest(entries: dict[int, Any]) -> tuple[int, Any]:
 #: decoded records of byte payloads, reused while the backend hands out the
 #: very same payload object (in-process backends that store bytes)
 _decoded = _DecodedMemo(max_entries=256, max_bytes=1024 * 1024)
+
+
+@at_fork_in_child
+def _renew_decoded_lock() -> None:
+    _decoded._lock = threading.Lock()
 
 
 def load_record(payload: bytes) -> Record:

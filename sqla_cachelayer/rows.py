@@ -66,6 +66,7 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.schema import Column, Table
 from sqlalchemy.sql.selectable import Join, Select
 
+from ._fork import at_fork_in_child
 from .keys import BoundedMemo
 
 __all__ = [
@@ -114,6 +115,14 @@ def describe(names: Iterable[str]) -> tuple[list[str], list[str] | None]:
 # layer's results may read. Replaced whole under _extra_lock, read lock-free.
 _extra_keys: dict[str, frozenset[str]] = {}
 _extra_lock = threading.Lock()
+
+
+@at_fork_in_child
+def _renew_extra_lock() -> None:
+    global _extra_lock
+    _extra_lock = threading.Lock()
+
+
 _key_columns: weakref.WeakKeyDictionary[Table, tuple[int, dict[str, str]]] = (
     weakref.WeakKeyDictionary()
 )

@@ -39,6 +39,7 @@ from sqlalchemy.sql.schema import MetaData, Table
 from sqlalchemy.sql.selectable import TableClause
 
 from ._compat import is_autocommit_isolation
+from ._fork import at_fork_in_child, renew_after_fork
 from .invalidation import ALL_TABLES, ANY_TABLE
 from .keys import BoundedMemo
 from .rows import MAX_WRITE_STAMPS, FlushRows, any_rows, key_columns, value_names
@@ -546,6 +547,10 @@ class _EngineWatch:
         # iterated over a snapshot
         self._lock = threading.Lock()
         self._callbacks: dict[int, weakref.WeakMethod[CommitCallback]] = {}
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def add(self, key: int, callback: CommitCallback) -> None:
         callbacks = self._callbacks
@@ -641,6 +646,15 @@ class _EngineWatch:
 
 
 _watches_lock = threading.Lock()  # guards the one-time wrapping of each dialect
+
+
+@at_fork_in_child
+def _renew_locks() -> None:
+    global _watches_lock
+    _watches_lock = threading.Lock()
+    cascades._lock = threading.Lock()
+
+
 _WATCH_ATTR = "_sqla_cachelayer_watch"
 
 

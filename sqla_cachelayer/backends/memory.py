@@ -53,6 +53,7 @@ from dogpile.cache.api import (
     CachedValue,
 )
 
+from sqla_cachelayer._fork import renew_after_fork
 from sqla_cachelayer.backends._args import check_known, coerce_byte_size, coerce_int
 
 __all__ = ["BoundedMemoryBackend"]
@@ -151,6 +152,17 @@ class BoundedMemoryBackend(CacheBackend):
         self._seq_keys: set[str] = set()
         self.max_counters = max(4 * self.max_entries, 1024)
         self.rejections = 0
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        if self._lock.locked():
+            # a parent thread was inside a bump: move every stamp past it
+            # (this process's copy loses its entries, never serves a stale one)
+            counters = self._counters
+            top = max(counters.values(), default=0) + 1
+            for key in counters:
+                counters[key] = top
+        self._lock = threading.Lock()
 
     # -- introspection -----------------------------------------------------
 

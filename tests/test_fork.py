@@ -1,0 +1,87 @@
+"""A process forked while another thread is inside a slow miss (holding that
+key's single-flight lock) can query the same key: every lock of the layer is
+fresh in the child."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _models import Base, User
+from dogpile.cache import make_region
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import sqla_cachelayer as scl
+
+_PARENT = os.getpid()
+entered = threading.Event()
+release = threading.Event()
+
+
+def _gate(value: int) -> int:
+    # inside the parent's miss: hold it there until the test lets go; a forked
+    # child runs the same SQL and passes straight through
+    if os.getpid() == _PARENT:
+        entered.set()
+        release.wait(60)
+    return value
+
+
+def _child(factory: Any, engine: Any, stmt: Any, out: Any) -> None:
+    engine.dispose(close=False)  # the parent's pooled connections stay the parent's
+    with factory() as s:
+        out.put(s.execute(stmt).all())
+
+
+@pytest.mark.parametrize("backend", ["dogpile.cache.memory", "sqla_cachelayer.memory"])
+def test_child_forked_during_a_slow_miss_queries_the_same_key(
+    tmp_path: Path, backend: str
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/fork.db")
+
+    @event.listens_for(engine, "connect")
+    def _register(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.create_function("gate", 1, _gate)
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1, name="one"))
+        s.commit()
+    layer = scl.CacheLayer({"default": make_region().configure(backend)})
+    factory = layer.install(sessionmaker(engine))
+    stmt = select(User.id, func.gate(User.id)).where(User.id == 1).options(scl.FromCache())
+    entered.clear()
+    release.clear()
+    results: list[Any] = []
+    miss = threading.Thread(target=lambda: results.append(_run(factory, stmt)))
+    miss.start()
+    try:
+        assert entered.wait(30), "the parent's miss never reached the database"
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_child, args=(factory, engine, stmt, out))
+        child.start()
+        child.join(30)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+            child.join()
+        assert not alive, "the child blocked on a lock the parent's thread held at the fork"
+        assert child.exitcode == 0
+        assert out.get(timeout=5) == [(1, 1)]
+    finally:
+        release.set()
+        miss.join(30)
+    assert results == [[(1, 1)]]
+    assert _run(factory, stmt) == [(1, 1)]
+    assert layer.stats()["hits"] == 1
+
+
+def _run(factory: Any, stmt: Any) -> Any:
+    with factory() as s:
+        return s.execute(stmt).all()
