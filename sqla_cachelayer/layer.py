@@ -30,6 +30,7 @@ Concurrency: one layer is shared by every thread and session.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import threading
@@ -406,14 +407,27 @@ class CacheLayer:
     def _listen(self, target: Any) -> None:
         event.listen(target, "do_orm_execute", self._do_orm_execute, retval=True)
         event.listen(target, "after_begin", self._after_begin)
-        for name, listener in self._strategy.flush_events().items():
+        for name, listener in self._flush_listeners().items():
             event.listen(target, name, listener)
 
     def _unlisten(self, target: Any) -> None:
         event.remove(target, "do_orm_execute", self._do_orm_execute)
         event.remove(target, "after_begin", self._after_begin)
-        for name, listener in self._strategy.flush_events().items():
+        for name, listener in self._flush_listeners().items():
             event.remove(target, name, listener)
+
+    def _flush_listeners(self) -> dict[str, Any]:
+        # a function of this layer's own for each event: SQLAlchemy 2.0's event
+        # registry confuses one function listening on a Session class and on a
+        # subclass (another layer's install), and its event.remove() then fails
+        found: dict[str, Any] | None = self.__dict__.get("_flush_listener_fns")
+        if found is None:
+            found = {
+                name: functools.wraps(fn)(functools.partial(fn))
+                for name, fn in self._strategy.flush_events().items()
+            }
+            self.__dict__["_flush_listener_fns"] = found
+        return found
 
     @staticmethod
     def _events_target(target: Any) -> Any:

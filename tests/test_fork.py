@@ -39,9 +39,7 @@ def _child(factory: Any, engine: Any, stmt: Any, out: Any) -> None:
 
 
 @pytest.mark.parametrize("backend", ["dogpile.cache.memory", "sqla_cachelayer.memory"])
-def test_child_forked_during_a_slow_miss_queries_the_same_key(
-    tmp_path: Path, backend: str
-) -> None:
+def test_child_forked_during_a_slow_miss_queries_the_same_key(tmp_path: Path, backend: str) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/fork.db")
 
     @event.listens_for(engine, "connect")
