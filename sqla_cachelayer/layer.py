@@ -329,6 +329,7 @@ class CacheLayer:
         self._stats._lock = threading.Lock()
         for rs in self._state_list:
             rs.lock = threading.Lock()
+            rs.flights = Flights()  # the parent's misses never land here
 
     # ------------------------------------------------------------------
     # construction from settings
