@@ -33,6 +33,7 @@ else:  # the default: tests/ is put on sys.path by pytest
 # Project fixtures: append below this line.
 # ===========================================================================
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,6 +53,14 @@ class CacheEnv:
     Session: sessionmaker[Any]
     statements: list[str]
     checkouts: list[int]
+    #: ``sync``, or ``async``: an aiosqlite engine (``engine`` is its
+    #: ``sync_engine``) and ``Session`` making the sessions an ``AsyncSession``
+    #: wraps; the test body then runs in a greenlet on an event loop, as
+    #: ``AsyncSession`` runs the ORM (``greenlet_spawn``), so every statement
+    #: goes through ``await_only``
+    kind: str = "sync"
+    #: ``run(fn, *args)``: call ``fn`` the way this kind runs ORM code
+    run: Callable[..., Any] = dataclasses.field(default=lambda fn, *args: fn(*args))
 
     def sql_count(self) -> int:
         return len(self.statements)
@@ -84,13 +93,38 @@ def sqlite_real_transactions(engine: Engine) -> None:
 
 
 @pytest.fixture
+def session_kind(request: pytest.FixtureRequest) -> str:
+    """``sync`` unless the test is marked ``both_sessions`` (then both)."""
+    return str(getattr(request, "param", "sync"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "env" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_sessions"):
+        metafunc.parametrize("session_kind", ["sync", "async"], indirect=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run the body of an ``async`` env's test in a greenlet on its loop."""
+    env = pyfuncitem.funcargs.get("env")
+    if not isinstance(env, CacheEnv) or env.kind == "sync":
+        return None
+    names = pyfuncitem._fixtureinfo.argnames
+    kwargs = {name: pyfuncitem.funcargs[name] for name in names}
+    env.run(lambda: pyfuncitem.obj(**kwargs))
+    return True
+
+
+@pytest.fixture
 def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
-    """Factory: ``make_env(region=None, url=None, **layer_kw)`` with the test schema seeded."""
+    """Factory: ``make_env(region=None, url=None, kind="sync", **layer_kw)`` with the
+    test schema seeded."""
     from _models import Base, seed
 
     import sqla_cachelayer as scl
 
     engines: list[Engine] = []
+    closers: list[Callable[[], None]] = []
 
     def factory(
         region: Any = None,
@@ -98,30 +132,60 @@ def make_env(tmp_path: Any) -> Iterator[Callable[..., CacheEnv]]:
         seed_data: bool = True,
         real_transactions: bool = False,
         tuned: bool = False,
+        kind: str = "sync",
         **kw: Any,
     ) -> CacheEnv:
         url = url or f"sqlite:///{tmp_path / f'db{len(engines)}.sqlite'}"
-        engine = scl.engine_from_config({"sqlalchemy.url": url}) if tuned else create_engine(url)
-        if real_transactions:
-            sqlite_real_transactions(engine)
-        engines.append(engine)
-        Base.metadata.create_all(engine)
         if region is None:
             region = make_region().configure("dogpile.cache.memory")
         layer = scl.CacheLayer(
             {"default": region} if not isinstance(region, dict) else region, **kw
         )
-        Session = layer.install(sessionmaker(engine))
+        run: Callable[..., Any]
+        if kind == "async":
+            from sqlalchemy.ext.asyncio import create_async_engine
+            from sqlalchemy.util import greenlet_spawn
+
+            url = url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+            settings = {"sqlalchemy.url": url}
+            aengine = scl.async_engine_from_config(settings) if tuned else create_async_engine(url)
+            engine = aengine.sync_engine
+            loop = asyncio.new_event_loop()
+
+            def run(fn: Callable[..., Any], *args: Any) -> Any:
+                return loop.run_until_complete(greenlet_spawn(fn, *args))
+
+            def close() -> None:
+                loop.run_until_complete(aengine.dispose())
+                loop.close()
+
+            closers.append(close)
+            # the sessions an AsyncSession wraps; installed on directly so that
+            # tests may uninstall and reinstall ``env.Session`` as they do
+            Session = layer.install(sessionmaker(engine))
+        else:
+            settings = {"sqlalchemy.url": url}
+            engine = scl.engine_from_config(settings) if tuned else create_engine(url)
+            closers.append(engine.dispose)
+
+            def run(fn: Callable[..., Any], *args: Any) -> Any:
+                return fn(*args)
+
+            Session = layer.install(sessionmaker(engine))
+        if real_transactions:
+            sqlite_real_transactions(engine)
+        engines.append(engine)
+        run(Base.metadata.create_all, engine)
         statements: list[str] = []
         checkouts: list[int] = []
         if seed_data:
-            seed(Session)
+            run(seed, Session)
         count_sql(engine, statements, checkouts)
-        return CacheEnv(engine, layer, Session, statements, checkouts)
+        return CacheEnv(engine, layer, Session, statements, checkouts, kind, run)
 
     yield factory
-    for engine in engines:
-        engine.dispose()
+    for close in closers:
+        close()
 
 
 BACKENDS = [
@@ -145,16 +209,21 @@ def region_for(backend: str, request: pytest.FixtureRequest, tmp_path: Any) -> A
 
 @pytest.fixture(params=BACKENDS)
 def env(
-    request: pytest.FixtureRequest, make_env: Callable[..., CacheEnv], tmp_path: Any
+    request: pytest.FixtureRequest,
+    make_env: Callable[..., CacheEnv],
+    tmp_path: Any,
+    session_kind: str,
 ) -> CacheEnv:
     """The behaviour suite's environment, once per backend.
 
     The project's own backends run on ``engine_from_config`` engines (BEGIN
     IMMEDIATE, WAL), dogpile's on plain ``create_engine`` ones: both kinds of
-    engine go through the whole suite.
+    engine go through the whole suite. Tests marked ``both_sessions`` run once
+    more per backend with ``AsyncSession`` on aiosqlite (``CacheEnv.kind``).
     """
     tuned = request.param.startswith("sqla_cachelayer.")
-    return make_env(region=region_for(request.param, request, tmp_path), tuned=tuned)
+    region = region_for(request.param, request, tmp_path)
+    return make_env(region=region, tuned=tuned, kind=session_kind)
 
 
 @pytest.fixture

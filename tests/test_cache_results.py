@@ -11,6 +11,9 @@ from sqlalchemy.orm import joinedload, selectinload, subqueryload
 
 from sqla_cachelayer import FromCache, NoCache
 
+# the core behaviour: with Session and with AsyncSession alike (conftest.py)
+pytestmark = pytest.mark.both_sessions
+
 
 def _plain(value: Any) -> Any:
     """Objects as comparable plain values (attributes, nested relationships)."""

@@ -13,6 +13,9 @@ from sqlalchemy.orm import sessionmaker
 from sqla_cachelayer import FromCache, NoCache, RelationshipCache
 from sqla_cachelayer._compat import SESSION_EXECUTION_OPTIONS
 
+# the core behaviour: with Session and with AsyncSession alike (conftest.py)
+pytestmark = pytest.mark.both_sessions
+
 
 def _run_twice(Session: Any, stmt: Any) -> None:
     for _ in range(2):

@@ -12,6 +12,9 @@ from sqlalchemy.orm import selectinload, sessionmaker
 
 from sqla_cachelayer import FromCache, NoCache
 
+# the core behaviour: with Session and with AsyncSession alike (conftest.py)
+pytestmark = pytest.mark.both_sessions
+
 
 def _names(env: Any, stmt: Any) -> list[Any]:
     with env.Session() as s:

@@ -1,0 +1,271 @@
+"""An ASGI-style asyncio workload, uncached and cached: requests per second
+and the event loop's longest pause.
+
+100 coroutines (the requests in flight of a small async web app) each run
+requests back to back for ``--seconds``, every request in an ``AsyncSession``
+of its own: 90% reads (two thirds a product page, one item by primary key
+from a skewed set of 2,000; one third a category page, 40 items), 10% writes
+(one item's price changed and committed, which invalidates what depends on
+it). A ticker coroutine sleeping 5 ms records the loop's longest pause beyond
+its sleep. Cases: uncached; cached with ``sqla_cachelayer.memory``; cached
+with ``sqla_cachelayer.redis`` (``redis.asyncio`` from the ORM's greenlet),
+each on aiosqlite (a SQLite file) and on asyncpg (PostgreSQL).
+
+    python benchmarks/asyncio_app.py                # about a minute
+    python benchmarks/asyncio_app.py --seconds 2 --repeat 1
+    python benchmarks/asyncio_app.py --pg-url postgresql://... --redis-url redis://...
+
+Redis and PostgreSQL are started privately for the run (``tests/_servers.py``)
+unless ``--redis-url`` / ``--pg-url`` (or ``SCL_TEST_REDIS_URL`` /
+``SCL_TEST_PG_URL``) name servers of your own; a server that cannot be started
+is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import String, delete, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import sqla_cachelayer as scl
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+ITEMS = 2_000
+CATEGORIES = 50
+HOT = 200  # 80% of product pages ask for one of these
+CONCURRENCY = 100
+TICK = 0.005
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "bench_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    category_id: Mapped[int] = mapped_column(index=True)
+    name: Mapped[str] = mapped_column(String(60))
+    price: Mapped[int]
+
+
+async def _seed(engine: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.execute(delete(Item))
+        await conn.execute(
+            sqlalchemy.insert(Item),
+            [
+                {"id": i, "category_id": i % CATEGORIES, "name": f"item {i}", "price": i}
+                for i in range(1, ITEMS + 1)
+            ],
+        )
+
+
+def _item_id(rng: random.Random) -> int:
+    if rng.random() < 0.8:
+        return rng.randint(1, HOT)
+    return rng.randint(1, ITEMS)
+
+
+async def _request(Session: Any, rng: random.Random, writes: float) -> None:
+    roll = rng.random()
+    if roll < writes:
+        key = _item_id(rng)
+
+        async def reprice(s: Any) -> None:
+            item = await s.get(Item, key)
+            item.price += 1
+
+        # a read-modify-write: the project's retry helper, as an app would
+        await scl.run_in_transaction_async(Session, reprice, attempts=20)
+        return
+    async with Session() as s:
+        if roll < writes + (1 - writes) / 3:
+            rows = (
+                await s.scalars(
+                    select(Item)
+                    .where(Item.category_id == rng.randrange(CATEGORIES))
+                    .order_by(Item.id)
+                )
+            ).all()
+            assert len(rows) == ITEMS // CATEGORIES
+        else:
+            key = _item_id(rng)
+            item = (await s.scalars(select(Item).where(Item.id == key))).one()
+            assert item.id == key
+
+
+async def _run_case(
+    url: str, region: dict[str, str] | None, seconds: float, writes: float
+) -> dict[str, float]:
+    engine = scl.async_engine_from_config({"sqlalchemy.url": url})
+    await _seed(engine)
+    options = {"cache_region": "default"} if region is not None else {}
+    Session = async_sessionmaker(engine, expire_on_commit=False, execution_options=options)
+    layer = None
+    if region is not None:
+        settings = {f"cachelayer.regions.default.{k}": v for k, v in region.items()}
+        layer = scl.CacheLayer.from_settings(settings)
+        layer.install(Session)
+        layer.invalidate_all()
+    done = 0
+    gaps: list[float] = []
+    stop = False
+
+    async def ticker() -> None:
+        while not stop:
+            before = time.perf_counter()
+            await asyncio.sleep(TICK)
+            gaps.append(time.perf_counter() - before - TICK)
+
+    async def client(seed: int, until: float) -> None:
+        nonlocal done
+        rng = random.Random(seed)
+        while time.perf_counter() < until:
+            await _request(Session, rng, writes)
+            done += 1
+            # an ASGI server writes the response to its socket: the loop runs
+            # other tasks there (a cache hit itself never yields)
+            await asyncio.sleep(0)
+
+    # warm-up: connections opened, statements compiled, hot entries filled
+    warm_until = time.perf_counter() + min(1.0, seconds / 2)
+    await asyncio.gather(*(client(-i - 1, warm_until) for i in range(CONCURRENCY)))
+    done = 0
+    tick = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    until = started + seconds
+    await asyncio.gather(*(client(i, until) for i in range(CONCURRENCY)))
+    elapsed = time.perf_counter() - started
+    stop = True
+    await tick
+    stats = layer.stats() if layer is not None else {}
+    await engine.dispose()
+    return {
+        "rps": done / elapsed,
+        "gap_ms": max(gaps) * 1000,
+        "gap_p99_ms": statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else 0.0,
+        "hit_ratio": stats.get("hits", 0) / max(1, stats.get("hits", 0) + stats.get("misses", 0)),
+        "bypasses": stats.get("bypasses", 0),
+    }
+
+
+def _redis(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
+    url = args.redis_url or os.environ.get("SCL_TEST_REDIS_URL")
+    if url:
+        return str(url)
+    try:
+        from _servers import RedisServer, find_redis_server
+
+        binary = find_redis_server()
+        if not binary:
+            print("Redis: skipped (no redis-server binary)")
+            return None
+        server = RedisServer(binary).start()
+        cleanups.append(server.cleanup)
+        return server.url
+    except Exception as err:
+        print(f"Redis: skipped ({err})")
+        return None
+
+
+def _postgres(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
+    url = args.pg_url or os.environ.get("SCL_TEST_PG_URL")
+    if not url:
+        try:
+            from _servers import start_postgres
+
+            server, url = start_postgres()
+            cleanups.append(server.stop)
+        except Exception as err:
+            print(f"PostgreSQL: skipped ({err})")
+            return None
+    return make_url(str(url)).set(drivername="postgresql+asyncpg").render_as_string(False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per case")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per case (median shown)")
+    parser.add_argument(
+        "--writes",
+        default="0.10,0",
+        help="shares of requests that write, comma-separated (one table each)",
+    )
+    parser.add_argument("--pg-url")
+    parser.add_argument("--redis-url")
+    args = parser.parse_args(argv)
+
+    cleanups: list[Any] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            databases = {"aiosqlite": f"sqlite+aiosqlite:///{tmp}/app.db"}
+            pg = _postgres(args, cleanups)
+            if pg is not None:
+                databases["asyncpg"] = pg
+            caches: dict[str, dict[str, str] | None] = {
+                "uncached": None,
+                "memory": {"backend": "sqla_cachelayer.memory"},
+            }
+            redis_url = _redis(args, cleanups)
+            if redis_url is not None:
+                caches["redis"] = {"backend": "sqla_cachelayer.redis", "arguments.url": redis_url}
+            print(
+                f"Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, "
+                f"{os.cpu_count()} CPUs; {CONCURRENCY} coroutines, "
+                f"{args.seconds:g} s per run, median of {args.repeat} runs"
+            )
+            print(f"load average before: {os.getloadavg()}")
+            for writes in [float(w) for w in args.writes.split(",")]:
+                print(f"\n{1 - writes:.0%} reads, {writes:.0%} writes")
+                print(
+                    f"{'database':<10} {'cache':<9} {'req/s':>8} {'x uncached':>10} "
+                    f"{'max gap ms':>10} {'p99 gap ms':>10} {'hit ratio':>9}  load (1 min)"
+                )
+                for db, url in databases.items():
+                    base = None
+                    for name, region in caches.items():
+                        runs = [
+                            asyncio.run(_run_case(url, region, args.seconds, writes))
+                            for _ in range(args.repeat)
+                        ]
+                        rps = statistics.median(r["rps"] for r in runs)
+                        gap = statistics.median(r["gap_ms"] for r in runs)
+                        p99 = statistics.median(r["gap_p99_ms"] for r in runs)
+                        ratio = statistics.median(r["hit_ratio"] for r in runs)
+                        if base is None:
+                            base = rps
+                        print(
+                            f"{db:<10} {name:<9} {rps:>8.0f} {rps / base:>9.2f}x "
+                            f"{gap:>10.1f} {p99:>10.1f} {ratio:>9.2f}  {os.getloadavg()[0]:.1f}",
+                            flush=True,
+                        )
+            print(f"load average after: {os.getloadavg()}")
+    finally:
+        for cleanup in reversed(cleanups):
+            try:
+                cleanup()
+            except Exception as err:
+                print(f"cleanup failed: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
