@@ -12,11 +12,12 @@ structure; the figures compare the end with the end of the warm-up::
     python benchmarks/soak.py                       # the full run (a few minutes)
     python benchmarks/soak.py --queries 100000 --engines 1000   # a quick one
 
-It prints the resident set size (``/proc/self/statm``), the growth of the
-Python heap traced by ``tracemalloc`` between 85% and 100% of the run (tracing
-starts at 70%, so that every object alive at both points was allocated under
-tracing: the cache's entries turn over in between; off with
-``--no-tracemalloc``, as tracing slows everything down), the engines and sessions still alive
+It prints the resident set size (``/proc/self/statm``) every tenth of the
+run; with ``--tracemalloc``, the growth of the Python heap traced between 85%
+and 100% of the run (tracing starts at 70%, so that every object alive at both
+points was allocated under tracing: the cache's entries turn over in between;
+tracing's own bookkeeping then adds to the RSS, so the RSS verdict is only
+meaningful without it), the engines and sessions still alive
 (weak references) and the sizes of the layer's internal maps, and exits 1 if
 the RSS grew by more than ``--max-growth-mib`` (default 16) after warm-up or an
 engine or session outlived its use.
@@ -41,7 +42,7 @@ from sqlalchemy import Integer, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import sqla_cachelayer as scl
-from sqla_cachelayer import records
+from sqla_cachelayer import records, rows
 
 
 class Base(DeclarativeBase):
@@ -70,6 +71,8 @@ def maps(layer: scl.CacheLayer) -> dict[str, int]:
         "shapes": len(layer._shapes),
         "decoded": len(records._decoded.entries),
         "decoded_bytes": records._decoded.bytes,
+        "row_buckets": len(rows._buckets),
+        "row_names": len(rows._names),
     }
 
 
@@ -80,7 +83,7 @@ def main() -> int:
     parser.add_argument("--max-entries", type=int, default=10_000)
     parser.add_argument("--warmup", type=float, default=0.2, help="share of the work (0-1)")
     parser.add_argument("--max-growth-mib", type=float, default=16.0)
-    parser.add_argument("--no-tracemalloc", action="store_true")
+    parser.add_argument("--tracemalloc", action="store_true")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="scl-soak-")
@@ -123,11 +126,13 @@ def main() -> int:
             alive_sessions.append(weakref.ref(sess))
             e.dispose()
             del e, sess
+        if (step + 1) % 10 == 0:
+            print(f"  {step + 1:3d}%: {n:,} queries, RSS {rss_mib():.1f} MiB", flush=True)
         if step + 1 == warm_steps:
             gc.collect()
             rss_warm = rss_mib()
             print(f"after warm-up ({n:,} queries): RSS {rss_warm:.1f} MiB, maps {maps(layer)}")
-        if step + 1 == trace_from and not args.no_tracemalloc:
+        if step + 1 == trace_from and args.tracemalloc:
             tracemalloc.start()
         if step + 1 == heap_at and tracemalloc.is_tracing():
             gc.collect()
