@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import random
@@ -112,6 +113,45 @@ async def _request(Session: Any, rng: random.Random, writes: float) -> None:
             assert item.id == key
 
 
+class _StepTimer:
+    """The longest single step the event loop ran (one callback or task step:
+    for a coroutine, the code between two of its awaits that yield) while
+    active. The ticker's pause is a whole round of the ready tasks; this is
+    the longest the loop was held by any one of them, e.g. by a cache hit,
+    which completes without yielding."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.worst_gc = 0.0  # the longest garbage collection meanwhile
+        self._run: Any = None
+        self._gc_started = 0.0
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.worst_gc = max(self.worst_gc, time.perf_counter() - self._gc_started)
+
+    def __enter__(self) -> _StepTimer:
+        handle = asyncio.events.Handle
+        run = self._run = handle._run
+
+        def timed(h: Any) -> None:
+            before = time.perf_counter()
+            run(h)
+            spent = time.perf_counter() - before
+            if spent > self.worst:
+                self.worst = spent
+
+        handle._run = timed  # type: ignore[method-assign]
+        gc.callbacks.append(self._gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.events.Handle._run = self._run  # type: ignore[method-assign]
+        gc.callbacks.remove(self._gc)
+
+
 async def _run_case(
     url: str, region: dict[str, str] | None, seconds: float, writes: float
 ) -> dict[str, float]:
@@ -128,6 +168,7 @@ async def _run_case(
     done = 0
     gaps: list[float] = []
     stop = False
+    longest = _StepTimer()
 
     async def ticker() -> None:
         while not stop:
@@ -152,7 +193,8 @@ async def _run_case(
     tick = asyncio.create_task(ticker())
     started = time.perf_counter()
     until = started + seconds
-    await asyncio.gather(*(client(i, until) for i in range(CONCURRENCY)))
+    with longest:
+        await asyncio.gather(*(client(i, until) for i in range(CONCURRENCY)))
     elapsed = time.perf_counter() - started
     stop = True
     await tick
@@ -161,6 +203,8 @@ async def _run_case(
     return {
         "rps": done / elapsed,
         "gap_ms": max(gaps) * 1000,
+        "step_ms": longest.worst * 1000,
+        "gc_ms": longest.worst_gc * 1000,
         "gap_p99_ms": statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else 0.0,
         "hit_ratio": stats.get("hits", 0) / max(1, stats.get("hits", 0) + stats.get("misses", 0)),
         "bypasses": stats.get("bypasses", 0),
@@ -237,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{1 - writes:.0%} reads, {writes:.0%} writes")
                 print(
                     f"{'database':<10} {'cache':<9} {'req/s':>8} {'x uncached':>10} "
-                    f"{'max gap ms':>10} {'p99 gap ms':>10} {'hit ratio':>9}  load (1 min)"
+                    f"{'max gap ms':>10} {'p99 gap ms':>10} {'step ms':>7} {'gc ms':>6} "
+                    f"{'hit ratio':>9}"
+                    "  load (1 min)"
                 )
                 for db, url in databases.items():
                     base = None
@@ -249,12 +295,15 @@ def main(argv: list[str] | None = None) -> int:
                         rps = statistics.median(r["rps"] for r in runs)
                         gap = statistics.median(r["gap_ms"] for r in runs)
                         p99 = statistics.median(r["gap_p99_ms"] for r in runs)
+                        step = statistics.median(r["step_ms"] for r in runs)
+                        gcp = statistics.median(r["gc_ms"] for r in runs)
                         ratio = statistics.median(r["hit_ratio"] for r in runs)
                         if base is None:
                             base = rps
                         print(
                             f"{db:<10} {name:<9} {rps:>8.0f} {rps / base:>9.2f}x "
-                            f"{gap:>10.1f} {p99:>10.1f} {ratio:>9.2f}  {os.getloadavg()[0]:.1f}",
+                            f"{gap:>10.1f} {p99:>10.1f} {step:>7.1f} {gcp:>6.1f} {ratio:>9.2f}"
+                            f"  {os.getloadavg()[0]:.1f}",
                             flush=True,
                         )
             print(f"load average after: {os.getloadavg()}")
