@@ -25,8 +25,9 @@ sample the worker
 ``verified_nines`` (see :func:`sqla_cachelayer.stats.verified_nines`).
 
 Each process also publishes its own totals, at most once a second and within
-a second of its last check, in an entry of the region the sample came from; :func:`run_verifier` (the command
-line's ``verify --for SECONDS``) reads them from another process.
+a second of its last check, in an entry of the region the sample came from;
+:func:`run_verifier` (the command line's ``verify --for SECONDS``) reads them
+from another process.
 """
 
 from __future__ import annotations
