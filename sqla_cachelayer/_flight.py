@@ -32,10 +32,12 @@ def _wake(fut: asyncio.Future[None]) -> None:
 class Flight:
     """One in-flight miss of one key."""
 
-    __slots__ = ("done", "landed", "waiters", "waiting")
+    __slots__ = ("done", "landed", "thread", "waiters", "waiting")
 
     def __init__(self) -> None:
         self.landed = False
+        #: the thread that claimed it (an event loop's, for a coroutine)
+        self.thread = threading.get_ident()
         #: how many threads and coroutines have waited for it (diagnostics)
         self.waiting = 0
         #: set when the flight lands: what waiting threads block on
@@ -94,11 +96,17 @@ class Flights:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_wake, fut)
 
-    def wait(self, flight: Flight) -> None:
-        """Block this thread until ``flight`` lands."""
+    def wait(self, flight: Flight) -> bool:
+        """Block this thread until ``flight`` lands; False, at once, if this
+        thread claimed it: a synchronous session used in an event loop's
+        thread while a coroutine of that loop fills the key, which would
+        never land while the thread is blocked."""
+        if flight.thread == threading.get_ident():
+            return False
         with self._lock:
             flight.waiting += 1
         flight.done.wait()
+        return True
 
     def wait_async(self, flight: Flight) -> None:
         """Wait, from the ORM's greenlet, until ``flight`` lands; the event

@@ -1173,8 +1173,8 @@ class CacheLayer:
                 # the key; a coroutine waits on its loop, not on a thread lock
                 if aio:
                     flights.wait_async(current)
-                else:
-                    flights.wait(current)
+                elif not flights.wait(current):
+                    break  # filled by a coroutine of this thread's loop: run our own
                 waited = True
                 hit, found = self._look_again(orm_context, hint, key, shape, found, ck, started)
                 if hit is not None:

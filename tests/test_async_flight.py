@@ -277,3 +277,46 @@ def test_cancelled_alone_leaves_no_entry_and_next_caller_proceeds(tmp_path: Any)
         asyncio.run(main())
     finally:
         gate.open()
+
+
+def test_sync_session_in_the_loops_thread_does_not_wait_for_its_coroutines(
+    tmp_path: Any,
+) -> None:
+    """A synchronous session used inside a coroutine (in the loop's thread)
+    misses a key that another coroutine of that loop is filling: waiting for
+    it would block the loop that must finish the fill, so it runs its own
+    query instead."""
+    gate = Gate(blocked=1)
+    statements: list[str] = []
+    path = f"{tmp_path}/same.db"
+    layer = _layer()
+    outcome: list[Any] = []
+
+    async def main() -> None:
+        engine = await _prepare(f"sqlite+aiosqlite:///{path}", gate, statements)
+        Session = layer.install(async_sessionmaker(engine))
+        sync_engine = engine_from_config({"sqlalchemy.url": f"sqlite:///{path}"})
+        _attach(sync_engine, gate, statements)
+        SyncSession = layer.install(sessionmaker(sync_engine))
+
+        async def read() -> list[Any]:
+            async with Session() as s:
+                return [tuple(r) for r in (await s.execute(STMT)).all()]
+
+        filler = asyncio.create_task(read())
+        assert await asyncio.to_thread(gate.entered.wait, 30)
+        with SyncSession() as s:  # blocks this loop's thread while it runs
+            outcome.append([tuple(r) for r in s.execute(STMT).all()])
+        gate.open()
+        outcome.append(await filler)
+        sync_engine.dispose()
+        await engine.dispose()
+
+    runner = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    runner.start()
+    runner.join(30)
+    gate.open()
+    assert not runner.is_alive(), "the loop's thread waited for its own coroutine"
+    expected = [(i, f"user{i}") for i in range(1, 6)]
+    assert outcome == [expected, expected]
+    assert len(statements) == 2
