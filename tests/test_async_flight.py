@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from _models import Base, User, seed
 from dogpile.cache import make_region
-from sqlalchemy import event, func, select, update
+from sqlalchemy import Float, cast, event, func, select, text, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
@@ -320,3 +320,68 @@ def test_sync_session_in_the_loops_thread_does_not_wait_for_its_coroutines(
     expected = [(i, f"user{i}") for i in range(1, 6)]
     assert outcome == [expected, expected]
     assert len(statements) == 2
+
+
+@pytest.mark.postgresql
+def test_cancelled_miss_on_asyncpg(pg_engine_url: str) -> None:
+    """The same on PostgreSQL through asyncpg: the filling coroutine sleeps in
+    the server (``pg_sleep``, long only in its own transaction) and is
+    cancelled; its waiters wake at once, one queries, nothing of the cancelled
+    one is stored, and a later commit still invalidates."""
+    pytest.importorskip("asyncpg")
+    url = pg_engine_url.replace("postgresql+psycopg://", "postgresql+asyncpg://", 1)
+    url = url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    delay = func.coalesce(func.nullif(func.current_setting("scl.slow", True), ""), "0")
+    stmt = (
+        select(User.name, func.pg_sleep(cast(delay, Float)))
+        .where(User.id == 1)
+        .options(FromCache())
+    )
+    statements: list[str] = []
+
+    async def main() -> None:
+        engine = async_engine_from_config({"sqlalchemy.url": url})
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        async with engine.connect() as conn:
+            await conn.run_sync(lambda c: seed(sessionmaker(c)))
+            await conn.commit()
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "pg_sleep" in statement:
+                statements.append(statement)
+
+        layer = _layer()
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        rs = layer._states["default"]
+
+        async def slow_read() -> Any:
+            async with Session() as s:
+                await s.execute(text("SELECT set_config('scl.slow', '60', true)"))
+                return (await s.execute(stmt)).one()
+
+        async def read() -> Any:
+            async with Session() as s:
+                return tuple((await s.execute(stmt)).one())
+
+        filler = asyncio.create_task(slow_read())
+        await _until(lambda: len(statements) == 1 and len(rs.flights) == 1)
+        waiters = [asyncio.create_task(read()) for _ in range(5)]
+        await _until(lambda: (f := _flight(layer)) is not None and f.waiting == 5)
+        filler.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+        assert results == [("user1", None)] * 5
+        assert len(statements) == 2  # the cancelled one and one waiter's
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(filler, 30)
+        stats = layer.stats()
+        assert stats["stores"] == 1 and stats["hits"] == 4
+        assert len(rs.flights) == 0
+        async with Session() as s:
+            await s.execute(update(User).where(User.id == 1).values(name="renamed"))
+            await s.commit()
+        assert await read() == ("renamed", None)
+        await engine.dispose()
+
+    asyncio.run(main())
