@@ -967,13 +967,14 @@ class CacheLayer:
         ):  # what Session._is_clean() reads, without its calls
             session._autoflush()
 
+        # the root transaction: a savepoint's own connections start empty
+        tx = session.get_transaction()
         try:
             bind = session.get_bind(**orm_context.bind_arguments)
             schema_map = exec_opts.get("schema_translate_map", _NO_HINT)
             if schema_map is _NO_HINT:
                 # not set on the statement, session or execute(): the connection's
                 # (its own and its engine's execution_options()) is in effect
-                tx = session.get_transaction()
                 held = tx._connections.get(bind) if tx is not None else None
                 schema_map = (held[0] if held is not None else bind)._execution_options.get(
                     "schema_translate_map"
@@ -1007,8 +1008,6 @@ class CacheLayer:
             return None
 
         tables = shape.tables
-        # the root transaction: a savepoint's own connections start empty
-        tx = session.get_transaction()
         if tx is not None and tx._connections:
             written = self._written_on(tx._connections)
             if written and (

@@ -55,6 +55,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import types as sqltypes
+from sqlalchemy.orm.base import NEVER_SET, NO_VALUE
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import (
     BinaryExpression,
@@ -528,14 +529,12 @@ class FlushRows:
     """What one flush of an installed session wrote, as the engine saw it and
     as the ORM knows it; kept in a ContextVar while the flush runs."""
 
-    __slots__ = ("rows", "session", "unknown")
+    __slots__ = ("rows", "session")
 
     def __init__(self, session: Any) -> None:
         self.session = session
         #: rows written per table, counted by the engine's statements
         self.rows: dict[str, int] = {}
-        #: tables written by a flush statement whose rows cannot be counted
-        self.unknown: set[str] = set()
 
     def active(self) -> bool:
         return bool(self.session._flushing)
@@ -546,14 +545,10 @@ def _loaded(state: Any, key: str, old: bool) -> tuple[bool, Any]:
     if old and key in state.committed_state:
         value = state.committed_state[key]
         # NO_VALUE / NEVER_SET: the value before the change was never loaded
-        return (not _is_symbol(value), value)
+        return (value is not NO_VALUE and value is not NEVER_SET, value)
     if key in state.dict:
         return True, state.dict[key]
     return False, None
-
-
-def _is_symbol(value: Any) -> bool:
-    return type(value).__name__ == "symbol"
 
 
 def flushed_names(
@@ -562,8 +557,6 @@ def flushed_names(
     """For the states of one flush: rows expected per table, value stamps of
     the old and new values of every key column, and tables whose rows cannot
     all be told (their ``<t>!`` stamp must move)."""
-    from sqlalchemy.orm.base import NO_VALUE
-
     expected: dict[str, int] = {}
     names: set[str] = set()
     unknown: set[str] = set()
@@ -582,7 +575,7 @@ def flushed_names(
                     if prop is None or prop.key not in state.committed_state:
                         continue
                     before = state.committed_state[prop.key]
-                    if before is NO_VALUE or _is_symbol(before):
+                    if before is NO_VALUE or before is NEVER_SET:
                         changed = True  # set without the old value loaded
                         unknown.add(tname)
                     elif before != state.dict.get(prop.key, NO_VALUE):

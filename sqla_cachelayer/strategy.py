@@ -50,6 +50,7 @@ from typing import Any
 from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
+from ._compat import cache_key_params
 from .exc import ConfigurationError
 from .rows import (
     MAX_WRITE_STAMPS,
@@ -158,7 +159,7 @@ class RowInvalidation(InvalidationStrategy):
         return spec_of(collector.tables, [p for t, p in pins.items() if t not in others])
 
     def stamp_names(self, spec: tuple[str, ...], ck: Any, execute_params: Any) -> tuple[str, ...]:
-        return stamp_names(spec, ck.bindparams, getattr(ck, "params", None), execute_params)
+        return stamp_names(spec, ck.bindparams, cache_key_params(ck), execute_params)
 
     def row_stamps(self, target: Any, values: Mapping[str, Any]) -> set[str]:
         names: set[str] = set()
@@ -195,7 +196,6 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     expected, names, unknown = flushed_names(
         list(session._new), list(session.identity_map._modified), list(session._deleted)
     )
-    unknown |= record.unknown
     for table, count in record.rows.items():
         if expected.get(table) != count:
             unknown.add(table)
