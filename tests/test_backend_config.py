@@ -128,7 +128,13 @@ def test_key_mangler_from_settings(tmp_path: Any, redis_db_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("key_manglr", "sha1"), ("key_mangler", "md5"), ("socket_timeout", "soon")],
+    [
+        ("key_manglr", "sha1"),
+        ("key_mangler", "md5"),
+        ("socket_timeout", "soon"),
+        ("max_connections", "0"),
+        ("max_connections", "many"),
+    ],
 )
 def test_redis_backend_refuses_bad_arguments(name: str, value: str) -> None:
     pytest.importorskip("redis")

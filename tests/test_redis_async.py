@@ -235,3 +235,89 @@ def test_hung_redis_never_stalls_the_loop(
     names = asyncio.run(main())
     assert names == [f"user{i % 5 + 1}" for i in range(100)]
     assert longest < 0.5, f"the event loop stalled {longest:.2f}s"
+
+
+def _connections_received(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("stats")["total_connections_received"])
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "cap"),
+    [({}, None), ({"max_connections": "4"}, 4), ({"connection_kwargs": {"max_connections": 3}}, 3)],
+    ids=["default", "argument", "connection_kwargs"],
+)
+def test_async_connections_are_capped(
+    tmp_path: Path,
+    redis_server_factory: Callable[..., Any],
+    arguments: dict[str, Any],
+    cap: int | None,
+) -> None:
+    """150 coroutines reading at once through one loop open at most the cap
+    of connections to Redis (counted by the server), and every answer is right."""
+    from sqla_cachelayer.backends.redis import ASYNC_MAX_CONNECTIONS
+
+    cap = cap or ASYNC_MAX_CONNECTIONS
+    server = redis_server_factory()
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    layer = _async_layer(server.url, **arguments)
+    opened: list[int] = []
+
+    async def main() -> list[str]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+
+        async def read(user_id: int) -> str:
+            stmt = select(User.name).where(User.id == user_id).options(FromCache())
+            async with Session() as s:
+                return str((await s.execute(stmt)).scalar_one())
+
+        before = _connections_received(server.url)
+        names: list[str] = []
+        for _ in range(3):  # misses, then hits, all at once
+            names += await asyncio.gather(*(read(i % 5 + 1) for i in range(150)))
+        # the probe's own connection counts once
+        opened.append(_connections_received(server.url) - before - 1)
+        await engine.dispose()
+        return names
+
+    names = asyncio.run(main())
+    assert names == [f"user{i % 5 + 1}" for i in range(150)] * 3
+    stats = layer.stats()
+    assert stats["errors"] == 0 and stats["hits"] >= 300, stats
+    assert 1 <= opened[0] <= cap, f"{opened[0]} connections opened, cap {cap}"
+
+
+def test_the_applications_pool_bound_wins() -> None:
+    """A ``connection_pool`` with its own ``max_connections`` bounds the asyncio
+    pool too; one without keeps the default; the argument wins over both."""
+    import redis
+
+    from sqla_cachelayer.backends.redis import ASYNC_MAX_CONNECTIONS, RedisBackend
+
+    def cap(**arguments: Any) -> tuple[int, float]:
+        backend = RedisBackend(arguments)
+
+        async def made() -> tuple[int, float]:
+            pool = backend.async_client().connection_pool
+            return pool.max_connections, pool.timeout  # type: ignore[attr-defined]
+
+        return asyncio.run(made())
+
+    bounded = redis.ConnectionPool(host="127.0.0.1", port=1, max_connections=2)
+    assert cap(connection_pool=bounded) == (2, 0.5)
+    assert cap(connection_pool=redis.ConnectionPool(host="127.0.0.1", port=1)) == (
+        ASYNC_MAX_CONNECTIONS,
+        0.5,
+    )
+    assert cap(connection_pool=bounded, max_connections=7) == (7, 0.5)
+    assert cap(url="redis://127.0.0.1:1/0", socket_connect_timeout="0.25") == (
+        ASYNC_MAX_CONNECTIONS,
+        0.25,
+    )

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 __all__ = [
+    "ASYNC_MAX_CONNECTIONS",
     "REDIS_TIMEOUT_DEFAULTS",
     "RedisBackend",
     "bound_pool",
@@ -52,6 +53,13 @@ __all__ = [
 REDIS_TIMEOUT_DEFAULTS: dict[str, float] = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
 
 _TIMEOUTS = tuple(REDIS_TIMEOUT_DEFAULTS)
+
+#: connections the asyncio client of one event loop opens at most, unless
+#: configured (``max_connections``): coroutines beyond it wait for a free one.
+#: One loop runs one coroutine at a time, so a few connections keep Redis
+#: busy; a connection per coroutine only adds connects (and redis-py's own
+#: asyncio pool refuses a 101st outright)
+ASYNC_MAX_CONNECTIONS = 16
 
 #: socket timeouts of the connections to the sentinels themselves: a sentinel
 #: answers from memory, and a reader with no replica asks it twice (replicas,
@@ -255,8 +263,9 @@ class RedisBackend(_DogpileRedisBackend):
     ``port``, ``db``, ``username``, ``password``, ``socket_*``, ``ssl``,
     ``connection_pool``, ``connection_kwargs``, ``redis_expiration_time``,
     ``distributed_lock`` and the ``lock_*`` arguments, ``thread_local_lock``),
-    plus ``unix_socket_path`` and ``key_mangler`` (``sha1``, or a callable:
-    the region's key mangler unless the region has its own), with the bounds
+    plus ``unix_socket_path``, ``key_mangler`` (``sha1``, or a callable:
+    the region's key mangler unless the region has its own) and
+    ``max_connections`` (the asyncio pool's bound, see :meth:`async_client`), with the bounds
     of :func:`bounded_arguments` applied whether it is configured from
     settings or from code. Unknown argument names are refused. It stores the
     same keys and values as ``dogpile.cache.redis``: processes using either
@@ -268,11 +277,22 @@ class RedisBackend(_DogpileRedisBackend):
     """
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
-        from sqla_cachelayer.backends._args import check_known, coerce_bool, coerce_float
+        from sqla_cachelayer.backends._args import (
+            check_known,
+            coerce_bool,
+            coerce_float,
+            coerce_int,
+        )
 
-        check_known(_NAME, arguments, (*_DOGPILE_ARGUMENTS, "unix_socket_path", "key_mangler"))
+        check_known(
+            _NAME,
+            arguments,
+            (*_DOGPILE_ARGUMENTS, "unix_socket_path", "key_mangler", "max_connections"),
+        )
         args = dict(arguments)
         self.key_mangler = _key_mangler(args.pop("key_mangler", None))
+        max_connections = coerce_int(_NAME, args, "max_connections", None)
+        args.pop("max_connections", None)
         for name in _TIMEOUTS:
             if args.get(name) is not None:
                 args[name] = coerce_float(_NAME, args, name, 0.0, minimum=0.001)
@@ -284,6 +304,14 @@ class RedisBackend(_DogpileRedisBackend):
             # dogpile's advice: a thread-local token breaks the distributed lock
             args.setdefault("thread_local_lock", False)
         self._async_kwargs = self._async_connection_kwargs(args)
+        self.async_max_connections = _async_cap(args, max_connections)
+        #: seconds a coroutine waits for one of those connections to be free:
+        #: the time a new connection was allowed to take (a hung server keeps
+        #: every connection busy; waiting longer would only queue behind it)
+        self.async_pool_timeout = float(
+            self._async_kwargs["kwargs"].get("socket_connect_timeout")
+            or REDIS_TIMEOUT_DEFAULTS["socket_connect_timeout"]
+        )
         # guards _async_clients (one client per event loop)
         self._async_lock = threading.Lock()
         self._async_clients: weakref.WeakKeyDictionary[
@@ -323,6 +351,7 @@ class RedisBackend(_DogpileRedisBackend):
             return {"kwargs": kwargs, "url": None}
         kwargs = dict(args.get("connection_kwargs") or {})
         kwargs.pop("retry", None)
+        kwargs.pop("max_connections", None)  # the asyncio pool's own bound: _async_cap
         for name in ("socket_timeout", "socket_connect_timeout"):
             kwargs.setdefault(name, args[name])
         if args.get("socket_keepalive"):
@@ -344,7 +373,13 @@ class RedisBackend(_DogpileRedisBackend):
         return {"kwargs": kwargs, "url": None}
 
     def async_client(self) -> redis.asyncio.Redis:
-        """The ``redis.asyncio`` client of the running event loop (made on first use)."""
+        """The ``redis.asyncio`` client of the running event loop (made on first use).
+
+        Its pool opens at most :attr:`async_max_connections` connections; a
+        coroutine finding them all busy waits up to :attr:`async_pool_timeout`
+        for one, then fails with redis-py's ``ConnectionError`` (the layer
+        then answers from the database).
+        """
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
@@ -352,13 +387,52 @@ class RedisBackend(_DogpileRedisBackend):
 
             spec = self._async_kwargs
             kwargs = dict(spec["kwargs"], retry=_async_no_retry(), **_driver_info())
+            # redis-py resolves the connection form (url, unix socket, ssl)
+            # into a pool's connection class and arguments; a blocking pool
+            # with the same ones replaces it before anything is connected
             if spec["url"] is not None:
-                client = aioredis.Redis.from_url(spec["url"], **kwargs)
+                made = aioredis.ConnectionPool.from_url(spec["url"], **kwargs)
             else:
-                client = aioredis.Redis(**kwargs)
+                made = aioredis.Redis(**kwargs).connection_pool
+            pool = aioredis.BlockingConnectionPool(
+                max_connections=self.async_max_connections,
+                timeout=self.async_pool_timeout,
+                connection_class=made.connection_class,
+                **made.connection_kwargs,
+            )
+            client = aioredis.Redis.from_pool(pool)
             with self._async_lock:
                 client = self._async_clients.setdefault(loop, client)
         return client
+
+
+def _async_cap(args: Mapping[str, Any], given: int | None) -> int:
+    """The asyncio pool's bound: the ``max_connections`` argument, else one in
+    ``connection_kwargs``, else the application's ``connection_pool``'s own
+    (when it set one), else :data:`ASYNC_MAX_CONNECTIONS`."""
+    if given is not None:
+        return given
+    from_kwargs = (args.get("connection_kwargs") or {}).get("max_connections")
+    if from_kwargs is not None:
+        from sqla_cachelayer.backends._args import coerce_int
+
+        bound = coerce_int(_NAME, {"max_connections": from_kwargs}, "max_connections", None)
+        assert bound is not None
+        return bound
+    pool = args.get("connection_pool")
+    bound = getattr(pool, "max_connections", None)
+    if isinstance(bound, int) and 0 < bound != _pool_default(pool):
+        return bound
+    return ASYNC_MAX_CONNECTIONS
+
+
+def _pool_default(pool: Any) -> int | None:
+    """The ``max_connections`` redis-py gives a pool of this class when none
+    is set (it has changed between versions: 2**31, then 100)."""
+    try:
+        return int(type(pool)().max_connections)
+    except Exception:  # a pool class needing arguments: no default to tell
+        return None
 
 
 def _driver_info() -> dict[str, Any]:
