@@ -23,6 +23,7 @@ Variants (each on an engine of its own, all on the same file):
 uncached  a plain ``sessionmaker``, no layer installed anywhere on its engine
 layer     ``CacheLayer({"default": make_region().configure("dogpile.cache.memory")})``
 layer/scl the layer on the project's ``sqla_cachelayer.memory`` backend
+layer/bytes the same backend with ``max_bytes`` (results stored pickled, decoded once)
 recipe    SQLAlchemy's dogpile_caching example (``benchmarks/recipe.py``), memory region
 
 Modes: *hit* (the key is in the cache), *miss* (a bound value never asked
@@ -210,6 +211,20 @@ def make_variants(path: str) -> dict[str, Variant]:
         Session = layer.install(sessionmaker(engine))
         variants["layer-scl"] = Variant(
             "layer-scl", "layer [sqla_cachelayer.memory]", Session, scl.FromCache, engine, layer
+        )
+        engine = create_engine(url)
+        region = make_region().configure(
+            "sqla_cachelayer.memory", arguments={"max_entries": 200_000, "max_bytes": "512MiB"}
+        )
+        layer = scl.CacheLayer({"default": region})
+        Session = layer.install(sessionmaker(engine))
+        variants["layer-bytes"] = Variant(
+            "layer-bytes",
+            "layer [scl.memory, max_bytes]",
+            Session,
+            scl.FromCache,
+            engine,
+            layer,
         )
 
     engine = create_engine(url)
@@ -425,7 +440,7 @@ def plan_cases(quick: bool, n_items: int) -> list[Case]:
 
 
 def run_case(case: Case, variants: dict[str, Variant], result: Result, rounds: int) -> None:
-    cached = [n for n in ("layer", "layer-scl", "recipe") if n in variants]
+    cached = [n for n in ("layer", "layer-scl", "layer-bytes", "recipe") if n in variants]
     hits = itertools.cycle(case.hit_values)
     miss_supply = {name: iter(case.miss_values()) for name in cached}
     warm_supply = {name: iter(case.warm_values()) for name in cached}
@@ -527,7 +542,7 @@ def report(
     cases: list[Case], variants: dict[str, Variant], results: dict[str, Result]
 ) -> list[tuple[str, bool]]:
     verdicts: list[tuple[str, bool]] = []
-    cached = [n for n in ("layer", "layer-scl", "recipe") if n in variants]
+    cached = [n for n in ("layer", "layer-scl", "layer-bytes", "recipe") if n in variants]
     width = 46
     print()
     print(f"{'query / variant':<{width}} {'median us':>11}  vs uncached")
@@ -619,6 +634,7 @@ def machine_facts(path: str) -> list[str]:
         f"sqlite {sqlite3.sqlite_version}",
         f"{platform.platform()}, nproc {os.cpu_count()}, sqlalchemy C extensions: {_has_cext()}",
         f"database file: {path}",
+        f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
     ]
 
 
@@ -887,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; FAIL: {', '.join(failed)}" if failed else "")
         )
         print(f"total run time {time.perf_counter() - started:.1f}s")
+        print(f"load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if args.quick:
             print(
                 "(--quick: few repetitions and a 20k-row sale table; figures are indicative only)"
