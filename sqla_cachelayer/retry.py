@@ -74,6 +74,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from ._aio import sqlalchemy_asyncio
+from ._fork import renew_after_fork
 from .engine import WRITE_INTENT_OPTION
 
 if TYPE_CHECKING:
@@ -138,6 +139,12 @@ class RetryStats:
         self.gave_up = 0
         self.not_retried = 0
         self.by_reason: dict[str, int] = {}
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # a parent thread counting at the fork left the child's copy locked for
+        # good; its counters stay the parent's figures up to the fork
+        self._lock = threading.Lock()
 
     def _add(self, counter: str, reason: str | None = None) -> None:
         with self._lock:

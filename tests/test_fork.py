@@ -83,3 +83,44 @@ def test_child_forked_during_a_slow_miss_queries_the_same_key(tmp_path: Path, ba
 def _run(factory: Any, stmt: Any) -> Any:
     with factory() as s:
         return s.execute(stmt).all()
+
+
+def _count_in_child(stats: Any, out: Any) -> None:
+    stats._add("calls")  # blocks forever if the child inherited a held lock
+    out.put(stats.snapshot()["calls"])
+
+
+def test_retry_stats_usable_in_a_child_forked_while_a_thread_counts() -> None:
+    from sqla_cachelayer.retry import RetryStats
+
+    stats = RetryStats()
+    stats._add("calls")
+    holding = threading.Event()
+    done = threading.Event()
+
+    def hold() -> None:
+        # a thread of the parent inside an increment at the moment of the fork
+        with stats._lock:
+            holding.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_count_in_child, args=(stats, out))
+        child.start()
+        child.join(30)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+            child.join()
+        assert not alive, "the child blocked on RetryStats' lock, held by a parent thread"
+        assert child.exitcode == 0
+        assert out.get(timeout=5) == 2
+    finally:
+        done.set()
+        holder.join(30)
+    assert stats.snapshot()["calls"] == 1  # the child's count stayed the child's
