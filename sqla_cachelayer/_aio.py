@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from types import ModuleType
+
+from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 
 def sqlalchemy_asyncio() -> ModuleType | None:
@@ -14,3 +18,16 @@ def sqlalchemy_asyncio() -> ModuleType | None:
     the application has imported it, so asking for an import never misses one.
     """
     return sys.modules.get("sqlalchemy.ext.asyncio")
+
+
+def pause(seconds: float) -> None:
+    """Sleep ``seconds`` without stopping an event loop.
+
+    Called from the ORM's greenlet under an ``AsyncSession``, it awaits
+    ``asyncio.sleep`` there (``time.sleep`` would stop every coroutine of the
+    loop); anywhere else it is ``time.sleep``.
+    """
+    if sqlalchemy_asyncio() is not None and in_greenlet():
+        await_only(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)

@@ -49,7 +49,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from . import _compat
 from . import keys as _keys
-from ._aio import sqlalchemy_asyncio
+from ._aio import pause, sqlalchemy_asyncio
 from ._flight import Flights
 from ._fork import renew_after_fork
 from .events import CacheEvent, Listener, dispatch
@@ -695,7 +695,7 @@ class CacheLayer:
             error: BaseException | None = None
             for delay in (0.0, *delays):
                 if delay:
-                    time.sleep(delay)
+                    pause(delay)  # on the loop, from an AsyncSession's commit
                 started = time.monotonic()
                 try:
                     seq = rs.store.bump(todo)

@@ -4,6 +4,7 @@ event loop that keeps running while Redis answers, or hangs."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -321,3 +322,57 @@ def test_the_applications_pool_bound_wins() -> None:
         ASYNC_MAX_CONNECTIONS,
         0.25,
     )
+
+
+def test_invalidation_retries_pause_on_the_loop(
+    tmp_path: Path, redis_server_factory: Callable[..., Any]
+) -> None:
+    """A commit whose invalidation fails is retried twice after short pauses;
+    from an AsyncSession those pauses let the loop run (a coroutine ticks
+    between every two attempts) instead of stopping it with time.sleep."""
+    server = redis_server_factory()
+    url = server.url
+    server.stop()  # a dead server: every call is refused at once
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    layer = _async_layer(url)
+    layer.BUMP_RETRY_SLOW = 60.0  # a refused connect slowed by a busy machine is retried too
+    (state,) = layer._state_list
+    ticks = 0
+    attempts: list[tuple[int, int]] = []  # ticks seen when each attempt started, ended
+    real_bump = state.store.bump
+
+    def bump(tables: Any) -> int:
+        started = ticks
+        try:
+            return int(real_bump(tables))
+        finally:
+            attempts.append((started, ticks))
+
+    state.store.bump = bump  # type: ignore[method-assign]
+
+    async def ticker(stop: asyncio.Event) -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            await asyncio.sleep(0)
+            ticks += 1
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop))
+        try:
+            async with Session() as s:
+                await s.execute(update(User).where(User.id == 1).values(name="renamed"))
+                await s.commit()
+        finally:
+            stop.set()
+            await tick
+            await engine.dispose()
+
+    asyncio.run(main())
+    assert len(attempts) == 3, attempts
+    for (_, ended), (started, _) in itertools.pairwise(attempts):
+        assert started > ended, f"the loop stood still between two attempts: {attempts}"
+    assert layer.stats()["errors"] >= 1
