@@ -40,8 +40,10 @@ class Flight:
         self.thread = threading.get_ident()
         #: how many threads and coroutines have waited for it (diagnostics)
         self.waiting = 0
-        #: set when the flight lands: what waiting threads block on
-        self.done = threading.Event()
+        #: set when the flight lands: what waiting threads block on; made by
+        #: the first thread that waits (most flights have no waiter, and an
+        #: Event is a Condition and two locks)
+        self.done: threading.Event | None = None
         #: coroutines waiting: their loop and the future they await
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
@@ -81,7 +83,9 @@ class Flights:
                 del self._by_key[key]
             flight.landed = True
             waiters, flight.waiters = flight.waiters, []
-        flight.done.set()
+            done = flight.done
+        if done is not None:
+            done.set()
         if not waiters:
             return
         try:
@@ -104,8 +108,13 @@ class Flights:
         if flight.thread == threading.get_ident():
             return False
         with self._lock:
+            if flight.landed:
+                return True
             flight.waiting += 1
-        flight.done.wait()
+            done = flight.done
+            if done is None:
+                done = flight.done = threading.Event()
+        done.wait()
         return True
 
     def wait_async(self, flight: Flight) -> None:

@@ -170,7 +170,7 @@ class _Shape:
     whole (each a single atomic store), never mutated.
     """
 
-    __slots__ = ("digest", "metadata", "pins", "tables")
+    __slots__ = ("digest", "metadata", "pins", "spec_memo", "tables")
 
     def __init__(self, digest: str) -> None:
         #: the structure's stable digest (keys.structure_digest)
@@ -183,6 +183,59 @@ class _Shape:
         self.pins: dict[str, Pin] | None = None
         #: its full result metadata (a pickled record's loses the ORM's lookup extras)
         self.metadata: Any = None
+        #: the dependency spec last computed for a miss and what it was computed
+        #: from: (tables read, tables read by other statements, whether the
+        #: main SELECT was seen, spec); the same reads give the same spec
+        self.spec_memo: tuple[frozenset[str], frozenset[str], bool, tuple[str, ...]] | None = None
+
+
+class _Miss:
+    """One miss on its way through single flight, the query and the store:
+    what the lookup worked out, handed along in one piece."""
+
+    __slots__ = (
+        "bind",
+        "ck",
+        "fills",
+        "hint",
+        "key",
+        "names",
+        "orm_context",
+        "shape",
+        "started",
+        "tables",
+        "written",
+    )
+
+    def __init__(
+        self,
+        orm_context: ORMExecuteState,
+        hint: _Hint,
+        key: str,
+        shape: _Shape,
+        bind: Any,
+        written: set[str] | None,
+        fills: int,
+        started: float,
+        ck: Any,
+        tables: tuple[str, ...] | None,
+        names: tuple[str, ...],
+    ) -> None:
+        self.orm_context = orm_context
+        self.hint = hint
+        self.key = key
+        self.shape = shape
+        self.bind = bind
+        #: tables this transaction had written before the query (G2)
+        self.written = written
+        #: the region's fill counter at the lookup (a change detector, see _miss)
+        self.fills = fills
+        self.started = started
+        #: SQLAlchemy's cache key of the statement
+        self.ck = ck
+        #: the dependency spec the lookup used and the stamps it read
+        self.tables = tables
+        self.names = names
 
 
 class _Hint:
@@ -935,7 +988,6 @@ class CacheLayer:
             return None
         started = perf_counter()
         session = orm_context.session
-        stats = self._stats
         rs = hint.region
         if session.info.get(UNIT_OF_WORK_INFO_KEY):
             # G7: a read-modify-write unit of work reads the database, or a
@@ -969,17 +1021,17 @@ class CacheLayer:
 
         # the root transaction: a savepoint's own connections start empty
         tx = session.get_transaction()
+        held = tx._connections if tx is not None else None
         try:
             bind = session.get_bind(**orm_context.bind_arguments)
             schema_map = exec_opts.get("schema_translate_map", _NO_HINT)
             if schema_map is _NO_HINT:
                 # not set on the statement, session or execute(): the connection's
                 # (its own and its engine's execution_options()) is in effect
-                held = tx._connections.get(bind) if tx is not None else None
-                schema_map = (held[0] if held is not None else bind)._execution_options.get(
+                conn = held.get(bind) if held else None
+                schema_map = (conn[0] if conn is not None else bind)._execution_options.get(
                     "schema_translate_map"
                 )
-            db = _keys.database_identity(bind, schema_map)
             ck = statement._generate_cache_key()  # type: ignore[attr-defined]
             if ck is None:
                 self._bypass(rs, "no_cache_key", orm_context)
@@ -1000,7 +1052,7 @@ class CacheLayer:
                 [bp.value if bp.callable is None else bp.effective_value for bp in ck.bindparams],
                 _compat.cache_key_params(ck),
                 orm_context.parameters,
-                db,
+                _keys.database_identity(bind, schema_map),
                 extra,
             )
         except _keys.Uncacheable:
@@ -1008,22 +1060,25 @@ class CacheLayer:
             return None
 
         tables = shape.tables
-        if tx is not None and tx._connections:
-            written = self._written_on(tx._connections)
+        written = None
+        if held:
+            written = self._written_on(held)
             if written and (
                 tables is None or ANY_TABLE in tables or not written.isdisjoint(tables)
             ):
                 # G2: this transaction wrote what the query reads
                 self._bypass(rs, "own_writes", orm_context)
                 return None
-        else:
-            written = None
 
         fills = rs.fills
         # only the backend's own failures open the breaker; a fault of the
         # layer's (a bug) costs this query its cache, not the region
         try:
-            names = self._stamp_names(tables, ck, orm_context.parameters)
+            names = (
+                _ALL_ONLY
+                if tables is None
+                else self._strategy.stamp_names(tables, ck, orm_context.parameters)
+            )
         except Exception as err:
             return self._layer_error(rs, "lookup", err, orm_context)
         try:
@@ -1032,21 +1087,27 @@ class CacheLayer:
             self._backend_error(rs, "lookup", err)
             self._bypass(rs, "backend_error", orm_context)
             return None
-        try:
-            result = self._try_hit(orm_context, hint, shape, found, tables, ck)
-        except _BackendFailure as failure:
-            self._backend_error(rs, "lookup", failure.__cause__ or failure)
-            self._bypass(rs, "backend_error", orm_context)
-            return None
-        except Exception as err:
-            return self._layer_error(rs, "hit", err, orm_context)
-        if result is not None:
-            elapsed = perf_counter() - started
-            stats.hit(rs.index, shape.digest, statement, elapsed)
-            if self._listeners:
-                self._emit("hit", rs, shape.digest, elapsed)
-            return result
-        return self._miss(orm_context, hint, key, shape, bind, found, written, fills, started, ck)
+        if found.payload is not None:
+            try:
+                result = self._try_hit(orm_context, hint, shape, found, tables, ck)
+            except _BackendFailure as failure:
+                self._backend_error(rs, "lookup", failure.__cause__ or failure)
+                self._bypass(rs, "backend_error", orm_context)
+                return None
+            except Exception as err:
+                return self._layer_error(rs, "hit", err, orm_context)
+            if result is not None:
+                elapsed = perf_counter() - started
+                self._stats.hit(rs.index, shape.digest, statement, elapsed)
+                if self._listeners:
+                    self._emit("hit", rs, shape.digest, elapsed)
+                return result
+        elif found.seq is not None and found.seq > rs.last_seen:
+            rs.last_seen = found.seq
+        return self._miss(
+            _Miss(orm_context, hint, key, shape, bind, written, fills, started, ck, tables, names),
+            found,
+        )
 
     def _stamp_names(
         self, spec: tuple[str, ...] | None, ck: Any, execute_params: Any
@@ -1140,21 +1201,12 @@ class CacheLayer:
             orm_context.session, record, shape.metadata or record.metadata, load_options
         )
 
-    def _miss(
-        self,
-        orm_context: ORMExecuteState,
-        hint: _Hint,
-        key: str,
-        shape: _Shape,
-        bind: Any,
-        found: Lookup,
-        written: set[str] | None,
-        fills: int,
-        started: float,
-        ck: Any,
-    ) -> Any:
-        rs = hint.region
-        stats = self._stats
+    def _miss(self, q: _Miss, found: Lookup) -> Any:
+        """Run the query of a miss once for its key in this process (G6),
+        serve its result and store it if it may be stored."""
+        orm_context = q.orm_context
+        rs = q.hint.region
+        key = q.key
         session = orm_context.session
         flights = rs.flights
         # no greenlet without SQLAlchemy's asyncio extension (nor, maybe, greenlet)
@@ -1175,7 +1227,7 @@ class CacheLayer:
                 elif not flights.wait(current):
                     break  # filled by a coroutine of this thread's loop: run our own
                 waited = True
-                hit, found = self._look_again(orm_context, hint, key, shape, found, ck, started)
+                hit, found = self._look_again(q, found)
                 if hit is not None:
                     return None if hit is _BYPASSED else hit
             flight = flights.claim(key)
@@ -1207,16 +1259,16 @@ class CacheLayer:
                     self._bypass(rs, "backend_error", orm_context)
                     return None
             if (mutex is not None or flight is not None) and (
-                waited or rs.store.shared_fills or rs.fills != fills
+                waited or rs.store.shared_fills or rs.fills != q.fills
             ):
                 # another caller may have filled the key since our lookup (G6):
                 # certainly if we waited for it; if we got the key at once,
                 # only a fill this process counted in ``rs.fills`` since the
                 # lookup, or one by another process, can have landed
-                hit, found = self._look_again(orm_context, hint, key, shape, found, ck, started)
+                hit, found = self._look_again(q, found)
                 if hit is not None:
                     return None if hit is _BYPASSED else hit
-            stats.incr("misses", 1, rs.index)
+            self._stats.incr("misses", 1, rs.index)
             seq_now = found.seq
             if seq_now is None:
                 try:
@@ -1224,6 +1276,7 @@ class CacheLayer:
                 except Exception as err:
                     self._backend_error(rs, "lookup", err)
                     return None
+            bind = q.bind
             snapshot_seq = self._snapshot_seq(session, rs, bind, seq_now)
             lag = bind._execution_options.get("cache_replica_lag")
             if lag:
@@ -1252,22 +1305,11 @@ class CacheLayer:
             if raw._unique_filter_state is not None:
                 # joined eager loads of collections: the ORM insists on unique()
                 frozen._attributes = frozen._attributes.union({REQUIRES_UNIQUE: True})
-            stored = self._store(
-                orm_context,
-                rs,
-                key,
-                shape,
-                frozen,
-                marker,
-                snapshot_seq,
-                seq_now,
-                collector,
-                written,
-                ck,
-            )
+            stored = self._store(q, frozen, marker, snapshot_seq, seq_now, collector)
             result = restore_unique_requirement(frozen())
-            elapsed = perf_counter() - started
-            stats.miss(rs.index, shape.digest, orm_context.statement, elapsed)
+            elapsed = perf_counter() - q.started
+            shape = q.shape
+            self._stats.miss(rs.index, shape.digest, orm_context.statement, elapsed)
             if self._listeners:
                 self._emit("miss", rs, shape.digest, elapsed)
                 if stored:
@@ -1279,34 +1321,32 @@ class CacheLayer:
             if flight is not None:
                 flights.land(key, flight)
 
-    def _look_again(
-        self,
-        orm_context: ORMExecuteState,
-        hint: _Hint,
-        key: str,
-        shape: _Shape,
-        found: Lookup,
-        ck: Any,
-        started: float,
-    ) -> tuple[Any, Lookup]:
-        """Look ``key`` up again after waiting for (or taking) its fill: the
+    def _look_again(self, q: _Miss, found: Lookup) -> tuple[Any, Lookup]:
+        """Look the key up again after waiting for (or taking) its fill: the
         result to serve (``_BYPASSED`` if the backend failed) or ``None``, and
         what the lookup found."""
-        rs = hint.region
+        orm_context = q.orm_context
+        rs = q.hint.region
+        shape = q.shape
         try:
             tables = shape.tables
-            again = rs.store.lookup(key, self._stamp_names(tables, ck, orm_context.parameters))
+            names = (
+                q.names
+                if tables is q.tables
+                else self._stamp_names(tables, q.ck, orm_context.parameters)
+            )
+            again = rs.store.lookup(q.key, names)
             if again.payload is not None and again.payload == found.payload:
                 hit = None  # the entry already refused: stamps and age only grow
             else:
-                hit = self._try_hit(orm_context, hint, shape, again, tables, ck)
+                hit = self._try_hit(orm_context, q.hint, shape, again, tables, q.ck)
         except Exception as err:
             self._backend_error(rs, "lookup", err)
             self._bypass(rs, "backend_error", orm_context)
             return _BYPASSED, found
         if hit is None:
             return None, again
-        elapsed = perf_counter() - started
+        elapsed = perf_counter() - q.started
         self._stats.hit(rs.index, shape.digest, orm_context.statement, elapsed)
         if self._listeners:
             self._emit("hit", rs, shape.digest, elapsed)
@@ -1320,32 +1360,35 @@ class CacheLayer:
 
     def _store(
         self,
-        orm_context: ORMExecuteState,
-        rs: _RegionState,
-        key: str,
-        shape: _Shape,
+        q: _Miss,
         frozen: Any,
         marker: int,
         snapshot_seq: int,
         seq_now: int,
         collector: Any,
-        written: set[str] | None,
-        ck: Any,
     ) -> bool:
         """Publish a miss's result if it may be; True if it was written."""
-        stats = self._stats
+        rs = q.hint.region
+        shape = q.shape
         if collector.wrote:
             self._not_stored(rs, "wrote_while_reading", shape)
             return False
         collector.tables.add(ALL_TABLES)
-        tables = self._strategy.spec(shape, collector)
+        read, others, pinned = collector.tables, collector.others, collector.main is not None
+        memo = shape.spec_memo
+        if memo is not None and memo[0] == read and memo[1] == others and memo[2] is pinned:
+            tables = memo[3]  # the spec is a function of what the query read
+        else:
+            tables = self._strategy.spec(shape, collector)
+            shape.spec_memo = (frozenset(read), frozenset(others), pinned, tables)
         # G2 with the tables actually read: ``written`` is what this transaction
         # had written before the query; anything written since is collector.wrote
+        written = q.written
         if written and (ANY_TABLE in tables or not written.isdisjoint(tables)):
             self._not_stored(rs, "own_writes", shape)
             return False
         try:
-            record = record_from_frozen(frozen, marker, snapshot_seq, tables)
+            record = record_from_frozen(frozen, marker, snapshot_seq, tables, shape.metadata)
             payload: Any
             if rs.store.stores_objects and self._signer is None and record_is_shareable(record):
                 # an in-process backend keeping objects by reference, and only
@@ -1358,26 +1401,34 @@ class CacheLayer:
         except (NotRecordable, Exception) as err:
             self._not_stored(rs, f"not_recordable: {err}", shape)
             return False
-        shape.metadata = record.metadata  # without the query's context: see detached_metadata
-        names = self._stamp_names(tables, ck, orm_context.parameters)
+        # without the query's context (see detached_metadata): every miss of
+        # this structure can reuse it
+        shape.metadata = record.metadata
+        orm_context = q.orm_context
+        names = (
+            q.names
+            if tables is q.tables
+            else self._stamp_names(tables, q.ck, orm_context.parameters)
+        )
+        store = rs.store
         try:
-            stamps = rs.store.lookup(None, names).stamps
+            stamps = store.lookup(None, names).stamps
             if None in stamps:
                 missing = [t for t, s in zip(names, stamps, strict=True) if s is None]
-                rs.store.ensure(missing, seq_now)
-                stamps = rs.store.lookup(None, names).stamps
+                store.ensure(missing, seq_now)
+                stamps = store.lookup(None, names).stamps
             for stamp in stamps:
                 if stamp is None or stamp > snapshot_seq:
                     # a commit the snapshot may not include touched these tables
                     self._not_stored(rs, "overtaken_by_commit", shape)
                     return False
-            rs.store.write_entry(key, payload)
+            store.write_entry(q.key, payload)
         except Exception as err:
             self._backend_error(rs, "store", err)
             return False
         shape.tables = tables
         rs.fills += 1  # a change detector only: a lost increment under a race still changes it
-        stats.incr("stores", 1, rs.index)
+        self._stats.incr("stores", 1, rs.index)
         return True
 
     # ------------------------------------------------------------------

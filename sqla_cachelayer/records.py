@@ -471,11 +471,20 @@ def _capture_uniform(
     return list(zip(repeat(cls), keys, repeat(0), values, repeat(None))), [columns]
 
 
-def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[str, ...]) -> Record:
+def record_from_frozen(
+    frozen: Any,
+    fresh_after: int,
+    seq: int,
+    tables: tuple[str, ...],
+    metadata: ResultMetaData | None = None,
+) -> Record:
     """Build a record from a frozen ORM result.
 
     ``fresh_after`` is a loader run id taken before the query ran: every
     object recorded must have been populated by this query (``runid`` above it).
+    ``metadata`` is the detached result metadata of an earlier result of the
+    same statement structure, if there was one (the same columns and
+    entities); without it the result's own is detached.
     """
     index: dict[int, int] = {}
     objects: list[tuple[Any, ...]] = []
@@ -511,7 +520,8 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         known = per_class.get(cls)
         if known is None:
             columns, rels, _ = _layouts.get(cls) or _layout(cls)
-            known = per_class[cls] = (columns, _getter(cls, columns), layout_id(columns), rels)
+            getter = _getters.get(cls) or _getter(cls, columns)
+            known = per_class[cls] = (columns, getter, layout_id(columns), rels)
         columns, getter, lid, rels = known
         dict_ = value.__dict__  # what state.dict returns, without its call
         try:
@@ -586,7 +596,7 @@ def record_from_frozen(frozen: Any, fresh_after: int, seq: int, tables: tuple[st
         objects[position] = (cls, key, lid, values, rel_values)
 
     return Record(
-        detached_metadata(frozen.metadata),
+        metadata if metadata is not None else detached_metadata(frozen.metadata),
         dict(frozen._attributes),
         bool(frozen._source_supports_scalars),
         rows,
