@@ -42,7 +42,7 @@ from sqlalchemy import Integer, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import sqla_cachelayer as scl
-from sqla_cachelayer import records, rows
+from sqla_cachelayer import rows
 
 
 class Base(DeclarativeBase):
@@ -69,8 +69,8 @@ def maps(layer: scl.CacheLayer) -> dict[str, int]:
         "installed": len(layer._installed),
         "engines": len(layer._engines),
         "shapes": len(layer._shapes),
-        "decoded": len(records._decoded.entries),
-        "decoded_bytes": records._decoded.bytes,
+        "decoded": backend.stats()["decoded"],
+        "counter_bytes": backend.stats()["counter_bytes"],
         "row_buckets": len(rows._buckets),
         "row_names": len(rows._names),
     }

@@ -55,7 +55,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.region import CacheRegion
@@ -63,6 +63,9 @@ from sqlalchemy.util.concurrency import await_only, in_greenlet
 
 from ._fork import at_fork_in_child, renew_after_fork
 from .keys import BoundedMemo
+
+if TYPE_CHECKING:
+    from .records import PayloadMemo
 
 __all__ = [
     "ALL_TABLES",
@@ -86,6 +89,9 @@ log = logging.getLogger("sqla_cachelayer")
 
 #: in-process single-flight locks per store (see StampStore.mutex)
 _STRIPES = 1024
+#: stamp keys are memoized for the table sets queries read, of at most this
+#: many names (an ``IN`` list pins up to 64 values)
+_MEMO_TABLES = 66
 
 
 def wall_clock_seq() -> int:
@@ -121,6 +127,10 @@ class StampStore(ABC):
     #: (no serialization, no size accounting by bytes): a record whose values
     #: are all immutable may then be stored as the object itself, unpickled
     stores_objects = False
+    #: where a hit keeps the record it decoded from stored bytes: the backend's
+    #: own memo (counted in its ``max_bytes``) where the backend hands back the
+    #: very bytes object it stores; ``None`` elsewhere (each hit decodes)
+    decoded: PayloadMemo | None = None
 
     def __init__(self, region: CacheRegion, namespace: str) -> None:
         self.region = region
@@ -156,14 +166,17 @@ class StampStore(ABC):
     def stamp_key(self, table: str) -> str:
         return self.mangle(f"{self.namespace}:t:{table}")
 
-    def stamp_keys(self, tables: Sequence[str]) -> tuple[str, ...]:
-        """The backend keys of these tables' stamps (memoized per table set)."""
+    def stamp_keys(self, tables: Sequence[str], keep: bool = True) -> tuple[str, ...]:
+        """The backend keys of these tables' stamps (memoized per table set read
+        by a query; ``keep=False`` for a commit's write set, which is seldom seen
+        twice and may name thousands of row stamps)."""
         if type(tables) is not tuple:
             tables = tuple(tables)
         keys = self._stamp_keys.get(tables)
         if keys is None:
             keys = tuple(self.stamp_key(t) for t in tables)
-            self._stamp_keys.put(tables, keys)
+            if keep and len(tables) <= _MEMO_TABLES:
+                self._stamp_keys.put(tables, keys)
         return keys
 
     # entries ---------------------------------------------------------------
@@ -252,7 +265,7 @@ class LocalStampStore(StampStore):
         return _new_lookup((self._decode_entry(self._get_raw(entry_key)), seq, stamps))
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = self.stamp_keys(tables)
+        keys = self.stamp_keys(tables, keep=False)
         with self._lock:
             counters = self._counters
             s = max(counters.get(self.seq_key, 0) + 1, _floor())
@@ -317,10 +330,13 @@ class CounterStampStore(StampStore):
         super().__init__(region, namespace)
         # the counter methods live on the real backend, under any proxies
         self._backend = region.actual_backend
-        # the bounded in-process backend keeps objects, unless it counts bytes
+        # the bounded in-process backend keeps objects, unless it counts bytes:
+        # then it stores bytes and keeps their decoded records in its own memo
         self.stores_objects = (
             not self._serialized and getattr(self._backend, "max_bytes", 0) is None
         )
+        if not self._serialized:
+            self.decoded = getattr(self._backend, "decoded", None)
 
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         keys = [self.seq_key, *self.stamp_keys(tables)]
@@ -333,7 +349,7 @@ class CounterStampStore(StampStore):
         return Lookup(payload, counters[0], list(counters[1:]))
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = list(self.stamp_keys(tables))
+        keys = list(self.stamp_keys(tables, keep=False))
         return int(self._backend.bump_counters(self.seq_key, keys, _floor()))
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
@@ -430,7 +446,7 @@ class RedisStampStore(StampStore):
         return Lookup(payload, _int_or_none(values[0]), [_int_or_none(v) for v in values[1:]])
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = [self.seq_key, *self.stamp_keys(tables)]
+        keys = [self.seq_key, *self.stamp_keys(tables, keep=False)]
         return int(self._script(keys=keys, args=[_floor()]))
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
@@ -492,7 +508,7 @@ class AsyncRedisStampStore(RedisStampStore):
     def bump(self, tables: Sequence[str]) -> int:
         if not in_greenlet():
             return super().bump(tables)
-        keys = [self.seq_key, *self.stamp_keys(tables)]
+        keys = [self.seq_key, *self.stamp_keys(tables, keep=False)]
         return int(await_only(self._bump(self._async_client(), keys, _floor())))
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
@@ -590,7 +606,7 @@ class MutexStampStore(StampStore):
         return mutex if mutex is not None else self._local_lock
 
     def bump(self, tables: Sequence[str]) -> int:
-        keys = self.stamp_keys(tables)
+        keys = self.stamp_keys(tables, keep=False)
         lock = self._locked()
         lock.acquire()
         try:

@@ -1141,8 +1141,9 @@ class CacheLayer:
         else:
             try:
                 if self._signer is not None:
-                    payload = self._signer.verify(payload)
-                record = load_record(payload)
+                    record = load_record(self._signer.verify(payload))
+                else:
+                    record = load_record(payload, rs.store.decoded)
             except BadSignature as err:
                 self._stats.incr("errors", 1, rs.index)
                 log.error("sqla_cachelayer: region %r: %s; entry ignored", rs.name, err)

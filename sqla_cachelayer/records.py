@@ -25,12 +25,15 @@ strings, dates, ...): a miss then pays no pickling and a hit no unpickling.
 A record holding a mutable value (a JSON document, a list) is always pickled,
 and unpickled afresh by every hit, so no two sessions share one.
 
-Backends that hand back the stored ``bytes`` object itself (the in-process
-ones) let a hit skip the unpickling: :func:`load_record` keeps the last few
-decoded records, keyed by the identity of their payload, and reuses one when
-every value it holds is immutable (numbers, strings, dates ...), so sharing it
-between sessions is indistinguishable from a fresh copy. A record holding any
-other value (a JSON document, a list) is decoded afresh on every hit.
+``sqla_cachelayer.memory`` with ``max_bytes`` stores pickled bytes (their size
+is what it counts) and hands back the very ``bytes`` object it stores: there
+:func:`load_record` keeps the decoded record in the backend's memo, by the
+payload's identity, while the entry lives, and reuses it when every value it
+holds is immutable (numbers, strings, dates ...), so sharing it between
+sessions is indistinguishable from a fresh copy. The backend counts that memo
+in ``max_bytes`` (:func:`decoded_size`). A record holding any other value (a
+JSON document, a list) is decoded afresh on every hit, as is every record read
+from a backend that returns new bytes on each read (Redis, the SQLite file).
 
 Only objects this query itself loaded can be recorded: if the result contains
 an object the session held before (its attributes may come from an older load),
@@ -44,13 +47,13 @@ import decimal
 import enum
 import hmac
 import pickle
-import threading
+import sys
 import time
 import uuid
 from collections.abc import Callable, Container, Iterable
 from itertools import chain, repeat
 from operator import attrgetter, itemgetter
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import util
 from sqlalchemy.engine.result import IteratorResult, Result, ResultMetaData
@@ -59,14 +62,15 @@ from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from ._fork import at_fork_in_child
 from .keys import BoundedMemo
 
 __all__ = [
     "BadSignature",
     "NotRecordable",
+    "PayloadMemo",
     "Record",
     "Signer",
+    "decoded_size",
     "dump_record",
     "load_record",
     "record_from_frozen",
@@ -212,83 +216,76 @@ def dump_record(record: Record) -> bytes:
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class _DecodedMemo:
-    """Payload identity -> (payload, decoded record, shareable: None until asked).
+class PayloadMemo(Protocol):
+    """Where a backend that hands out the very ``bytes`` object it stores keeps
+    what was decoded from it (``sqla_cachelayer.memory`` with ``max_bytes``:
+    :class:`~sqla_cachelayer.backends.memory.DecodedMemo`)."""
 
-    Bounded by count and by the summed size of the payloads it keeps (a record
-    decoded takes a few times its payload's size): it sits outside every
-    backend's own bound, so its own is small. ``get`` is a plain dict read;
-    ``_lock`` guards the dict's writes and ``bytes``.
+    def get(self, key: int, /) -> tuple[Any, Any, int] | None: ...
+
+    def put(self, payload: bytes, decoded: Any, size: int) -> None: ...
+
+
+def load_record(payload: bytes, memo: PayloadMemo | None = None) -> Record:
+    """Unpickle a record; with a ``memo``, reuse the one decoded from this very
+    payload object when every value it holds is immutable.
+
+    The memo belongs to the backend, which stores the payload and counts the
+    memo in its byte budget: an entry's decoded record lives no longer than the
+    entry. Each memo entry holds its payload, so an ``id`` in it cannot be
+    reused by another object while the entry lives. A record holding a mutable
+    value is decoded afresh on every hit (the memo only remembers that).
     """
-
-    __slots__ = ("_lock", "bytes", "entries", "get", "max_bytes", "max_entries")
-
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self.entries: dict[int, tuple[bytes, Record, bool | None]] = {}
-        self.get = self.entries.get
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._lock = threading.Lock()
-
-    def put(self, payload: bytes, record: Record, shareable: bool | None) -> None:
-        size = len(payload)
-        if size > self.max_bytes // 8:
-            return  # never kept: a few large payloads would push out every small one
-        key = id(payload)
-        with self._lock:
-            entries = self.entries
-            old = entries.pop(key, None)
-            if old is not None:
-                self.bytes -= len(old[0])
-            while entries and (
-                len(entries) >= self.max_entries or self.bytes + size > self.max_bytes
-            ):
-                _, dropped = _pop_oldest(entries)
-                self.bytes -= len(dropped[0])
-            entries[key] = (payload, record, shareable)
-            self.bytes += size
-
-    def clear(self) -> None:
-        with self._lock:
-            self.entries.clear()
-            self.bytes = 0
-
-
-def _pop_oldest(entries: dict[int, Any]) -> tuple[int, Any]:
-    key = next(iter(entries))
-    return key, entries.pop(key)
-
-
-#: decoded records of byte payloads, reused while the backend hands out the
-#: very same payload object (in-process backends that store bytes)
-_decoded = _DecodedMemo(max_entries=256, max_bytes=1024 * 1024)
-
-
-@at_fork_in_child
-def _renew_decoded_lock() -> None:
-    _decoded._lock = threading.Lock()
-
-
-def load_record(payload: bytes) -> Record:
-    """Unpickle a record; reuse a decoded one for the very same immutable payload.
-
-    The memo holds a reference to each payload it keys, so an ``id`` in it
-    cannot be reused by another object while the entry lives.
-    """
-    found = _decoded.get(id(payload))
-    if found is not None and found[0] is payload:
-        shareable = found[2]
-        if shareable is None:
-            shareable = record_is_shareable(found[1])
-            _decoded.put(payload, found[1], shareable)
-        if shareable:
-            return found[1]
+    if memo is None:
         return _decode(payload)
+    found = memo.get(id(payload))
+    if found is not None and found[0] is payload:
+        record: Record | None = found[1]
+        return record if record is not None else _decode(payload)
     record = _decode(payload)
     if type(payload) is bytes:
-        _decoded.put(payload, record, None)
+        if record_is_shareable(record):
+            memo.put(payload, record, decoded_size(record))
+        else:
+            memo.put(payload, None, 0)
     return record
+
+
+_getsizeof: Final = sys.getsizeof
+#: per object beyond its values: its tuple, identity key and primary-key tuple
+#: (with an int), the values tuple's header, and the (dict, names) pair and list
+#: slots :func:`_prepare` adds on the first hit (CPython 3.11, 64-bit)
+_PER_OBJECT: Final = 344
+#: the record, its lists, and the immutable dict of its result attributes
+_PER_RECORD: Final = 1000
+
+
+def decoded_size(record: Record) -> int:
+    """Bytes a decoded record takes once it has served hits (its prepared
+    per-object dicts included), estimated from its shape and the sizes of its
+    values; small ints and short strings that CPython shares are counted as if
+    they were not, so the estimate errs high."""
+    size = _PER_RECORD + _getsizeof(record._metadata_blob or b"")
+    for names in record.layouts:
+        size += _getsizeof(names) + sum(map(_getsizeof, names))
+    objects = record.objects
+    if objects:
+        values = list(map(_values_of, objects))
+        size += _getsizeof(objects) + len(objects) * _PER_OBJECT
+        size += sum(map(len, values)) * 8 + sum(map(_getsizeof, chain.from_iterable(values)))
+        dict_sizes = [_getsizeof(dict.fromkeys(names)) for names in record.layouts]
+        size += sum(map(dict_sizes.__getitem__, map(_layout_of, objects)))
+        size += sum(len(rels) * 120 + 232 for *_, rels in objects if rels)
+    rows: Any = record.rows
+    if type(rows) is not range:
+        size += _getsizeof(rows)
+        if not record.scalars_source:
+            size += sum(map(_getsizeof, rows))
+            if not record.entity_positions:
+                size += sum(map(_getsizeof, chain.from_iterable(rows)))
+        elif not record.entity_positions:
+            size += sum(map(_getsizeof, rows))
+    return size
 
 
 def _decode(payload: bytes) -> Record:

@@ -211,9 +211,9 @@ def test_memory_both_bounds() -> None:
 
 
 def test_memory_too_large_value_is_refused_and_drops_old_value() -> None:
-    backend = BoundedMemoryBackend({"max_bytes": 100})
+    backend = BoundedMemoryBackend({"max_bytes": 2000})  # an entry weighs ENTRY_OVERHEAD more
     backend.set("k", _cv(b"small"))
-    backend.set("k", _cv(b"x" * 101))
+    backend.set("k", _cv(b"x" * 2001))
     assert backend.get("k") is NO_VALUE
     assert backend.rejections == 1
 

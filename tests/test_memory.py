@@ -5,6 +5,7 @@ every internal map stays at its bound (a small version of benchmarks/soak.py).""
 from __future__ import annotations
 
 import gc
+import tracemalloc
 import weakref
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import sqla_cachelayer as scl
-from sqla_cachelayer import invalidation, records
+from sqla_cachelayer import invalidation
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_sessionmaker_engines_are_freed(db_url: str) -> None:
 
 
 def test_internal_maps_stay_at_their_bound(db_url: str) -> None:
-    layer = _layer(max_entries=100, max_bytes="1MiB")  # bytes: the decoded memo is used
+    layer = _layer(max_entries=100, max_bytes="1MiB")  # bytes: the backend's decoded memo is used
     factory = layer.install(sessionmaker(create_engine(db_url)))
     backend = layer.regions["default"].backend
     with factory() as s:
@@ -86,8 +87,8 @@ def test_internal_maps_stay_at_their_bound(db_url: str) -> None:
                 s.flush()
     assert len(backend) <= 100
     assert backend.stats()["counters"] <= backend.max_counters
-    assert records._decoded.bytes <= records._decoded.max_bytes
-    assert len(records._decoded.entries) <= records._decoded.max_entries
+    assert backend.decoded.bytes <= backend.decoded.max_bytes
+    assert backend.current_bytes <= backend.max_bytes
     assert len(layer._shapes) <= layer._shapes.maxsize
     assert layer.stats()["hits"] > 0
 
@@ -114,3 +115,130 @@ def test_local_stamp_store_bounded(db_url: str, monkeypatch: pytest.MonkeyPatch)
         store.ensure([f"users:{i}"], 1)
     assert len(store._counters) <= 200
     assert store.lookup(None, ()).seq is not None
+
+
+def _traced_after_gc() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+def _empty(backend: Any) -> None:
+    # everything the backend holds for the layer: entries, counters, decoded memo
+    with backend._lock:
+        backend._lru.clear()
+        backend._counters.clear()
+        decoded = getattr(backend, "decoded", None)
+        if decoded is not None:
+            decoded.clear()
+
+
+#: what the layer keeps beside its backend in this workload (statement and
+#: row-level memos, stats): about 0.1 MiB measured, bounded by count elsewhere
+_LAYER_OVERHEAD = 256 * 1024
+
+
+def test_max_bytes_bounds_entries_decoded_memo_and_counters(tmp_path: Path) -> None:
+    """With ``max_bytes``, the memory the process spends on the region (stored
+    results, the records decoded for hits, the invalidation counters) stays
+    within it, checked against what tracemalloc sees."""
+    max_bytes = 1024 * 1024
+    engine = create_engine(f"sqlite:///{tmp_path}/big.db")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([User(id=i, name=f"user number {i:08d} " + "x" * 24) for i in range(1, 3001)])
+        s.commit()
+    layer = _layer(max_bytes=max_bytes)
+    backend = layer.regions["default"].backend
+    factory = layer.install(sessionmaker(engine))
+
+    def page(k: int) -> list[Any]:  # 20 users: a result of about 2 KiB pickled
+        with factory() as s:
+            stmt = select(User).where(User.id >= k).order_by(User.id).limit(20)
+            return list(s.scalars(stmt.options(scl.FromCache())).all())
+
+    def one(k: int) -> Any:  # pinned by value: a row stamp per id
+        with factory() as s:
+            return s.scalars(select(User).where(User.id == k).options(scl.FromCache())).one()
+
+    for k in (1, 2):  # warm-up: statement shapes, SQLAlchemy's compiled cache
+        page(k), page(k), one(k), one(k)
+    tracemalloc.start()
+    try:
+        baseline = _traced_after_gc()
+        for k in range(3, 403):
+            page(k)  # miss: a new entry
+            page(k)  # hit: decoded, kept in the memo
+            page(k)  # hit from the memo
+            one(k % 50 + 1)
+        for i in range(0, 20_000, 100):  # many distinct written tables: 20,000 stamps
+            layer.invalidate(*(f"table_{j}" for j in range(i, i + 100)))
+        for k in range(403, 503):  # entries and memo filled again after the counters
+            page(k), page(k)
+        stats = backend.stats()
+        full = _traced_after_gc()
+        _empty(backend)
+        emptied = _traced_after_gc()
+    finally:
+        tracemalloc.stop()
+    held = full - emptied  # what the backend held: entries, memo, counters
+    grown = full - baseline  # what the whole layer grew by
+    assert held <= max_bytes, f"the backend held {held:,} bytes for max_bytes {max_bytes:,}"
+    assert held >= max_bytes // 2  # the bound is used, not merely respected
+    assert grown <= max_bytes + _LAYER_OVERHEAD, f"the layer grew by {grown:,} bytes"
+    assert stats["decoded_bytes"] > 0 and stats["counter_bytes"] > 0  # both are counted
+    assert stats["bytes"] <= max_bytes
+    assert page(502)[0].id == 502  # and it still serves
+
+
+def test_backend_returning_new_bytes_keeps_no_decoded_records(tmp_path: Path) -> None:
+    """A backend that returns new bytes on every read (the SQLite file, Redis)
+    gives a memo nothing to reuse: hits keep nothing decoded in the process."""
+    engine = create_engine(f"sqlite:///{tmp_path}/app.db")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([User(id=i, name=f"user number {i:08d} " + "x" * 24) for i in range(1, 1001)])
+        s.commit()
+    layer = _layer("sqla_cachelayer.sqlite", path=str(tmp_path / "cache.db"))
+    factory = layer.install(sessionmaker(engine))
+
+    def page(k: int) -> list[Any]:
+        with factory() as s:
+            stmt = select(User).where(User.id >= k).order_by(User.id).limit(20)
+            return list(s.scalars(stmt.options(scl.FromCache())).all())
+
+    for k in (1, 2):
+        page(k), page(k)
+    tracemalloc.start()
+    try:
+        baseline = _traced_after_gc()
+        for k in range(3, 303):
+            page(k), page(k)
+        grown = _traced_after_gc() - baseline
+    finally:
+        tracemalloc.stop()
+    assert layer.stats()["hits"] >= 300
+    assert grown <= _LAYER_OVERHEAD, f"the process grew by {grown:,} bytes"
+
+
+def test_decoded_memo_entry_leaves_with_its_entry() -> None:
+    from dogpile.cache.api import CachedValue
+
+    backend = (
+        make_region()
+        .configure("sqla_cachelayer.memory", arguments={"max_entries": 2, "max_bytes": "1MiB"})
+        .backend
+    )
+    memo = backend.decoded
+    payloads = {key: key.encode() * 100 for key in ("a", "b", "c", "d")}
+    for key in ("a", "b"):
+        backend.set(key, CachedValue(payloads[key], {}))
+        memo.put(payloads[key], object(), 1000)
+    assert len(memo.entries) == 2 and backend.stats()["decoded_bytes"] == 2 * 1100
+    backend.delete("a")  # deleted
+    backend.set("b", CachedValue(payloads["c"], {}))  # replaced
+    assert memo.entries == {} and memo.bytes == 0
+    backend.set("d", CachedValue(payloads["d"], {}))
+    memo.put(payloads["d"], object(), 1000)
+    backend.set("e", CachedValue(b"e", {}))
+    backend.set("f", CachedValue(b"f", {}))  # d evicted (max_entries)
+    assert memo.entries == {} and backend.current_bytes == backend.stats()["entry_bytes"]
