@@ -294,6 +294,12 @@ def query_key(
     ids: no hashing on the hit path); otherwise ``<prefix>`` and 40 hex digits
     of a BLAKE2b digest of all of it. Both are bounded in length.
     """
+    if len(bind_values) == 1 and not (params or exec_params or extra):
+        # the commonest lookup, by one id: the short form below, built directly
+        value = bind_values[0]
+        t = type(value)
+        if t is int and -(10**20) < value < 10**20:
+            return f"{prefix}{structure}~{db_identity}~int:{value!r}|"
     out: list[str] = []
     for value in bind_values:
         t = type(value)

@@ -204,6 +204,7 @@ class _Miss:
         "shape",
         "started",
         "tables",
+        "tx",
         "written",
     )
 
@@ -214,6 +215,7 @@ class _Miss:
         key: str,
         shape: _Shape,
         bind: Any,
+        tx: Any,
         written: set[str] | None,
         fills: int,
         started: float,
@@ -226,6 +228,8 @@ class _Miss:
         self.key = key
         self.shape = shape
         self.bind = bind
+        #: the session's root transaction at the lookup (None before any)
+        self.tx = tx
         #: tables this transaction had written before the query (G2)
         self.written = written
         #: the region's fill counter at the lookup (a change detector, see _miss)
@@ -951,13 +955,9 @@ class CacheLayer:
                 written = set(found) if written is None else written | found
         return written
 
-    @staticmethod
-    def _holds_connection(session: Session) -> bool:
-        tx = session.get_transaction()
-        return tx is not None and bool(tx._connections)
-
-    def _snapshot_seq(self, session: Session, rs: _RegionState, bind: Any, fresh_seq: int) -> int:
-        tx = session.get_transaction()
+    def _snapshot_seq(self, tx: Any, rs: _RegionState, fresh_seq: int) -> int:
+        """The seq the snapshot of a query run now in ``tx`` (the session's
+        root transaction, or None) starts after (see invalidation.py)."""
         conn = None
         if tx is not None:
             for entry in tx._connections.values():
@@ -1105,7 +1105,9 @@ class CacheLayer:
         elif found.seq is not None and found.seq > rs.last_seen:
             rs.last_seen = found.seq
         return self._miss(
-            _Miss(orm_context, hint, key, shape, bind, written, fills, started, ck, tables, names),
+            _Miss(
+                orm_context, hint, key, shape, bind, tx, written, fills, started, ck, tables, names
+            ),
             found,
         )
 
@@ -1208,14 +1210,14 @@ class CacheLayer:
         orm_context = q.orm_context
         rs = q.hint.region
         key = q.key
-        session = orm_context.session
         flights = rs.flights
         # no greenlet without SQLAlchemy's asyncio extension (nor, maybe, greenlet)
         aio = sqlalchemy_asyncio() is not None and in_greenlet()
         # A session already holding a transaction may hold database locks
         # (SQLite BEGIN IMMEDIATE, FOR UPDATE) that the fill it would wait for
         # needs: it never waits, it only claims the key if nobody has.
-        may_wait = not self._holds_connection(session)
+        tx = q.tx
+        may_wait = tx is None or not tx._connections
         waited = False
         flight = flights.claim(key)
         while flight is None and may_wait:
@@ -1278,7 +1280,7 @@ class CacheLayer:
                     self._backend_error(rs, "lookup", err)
                     return None
             bind = q.bind
-            snapshot_seq = self._snapshot_seq(session, rs, bind, seq_now)
+            snapshot_seq = self._snapshot_seq(tx, rs, seq_now)
             lag = bind._execution_options.get("cache_replica_lag")
             if lag:
                 # a replica that may lag this much behind its primary: its
@@ -1310,7 +1312,7 @@ class CacheLayer:
             result = restore_unique_requirement(frozen())
             elapsed = perf_counter() - q.started
             shape = q.shape
-            self._stats.miss(rs.index, shape.digest, orm_context.statement, elapsed)
+            self._stats.miss(rs.index, shape.digest, orm_context.statement, elapsed, stored)
             if self._listeners:
                 self._emit("miss", rs, shape.digest, elapsed)
                 if stored:
@@ -1429,7 +1431,6 @@ class CacheLayer:
             return False
         shape.tables = tables
         rs.fills += 1  # a change detector only: a lost increment under a race still changes it
-        self._stats.incr("stores", 1, rs.index)
         return True
 
     # ------------------------------------------------------------------

@@ -349,7 +349,7 @@ def stamp_names(
     if not pins:
         return spec
     params: Mapping[str, Any] | None
-    if not isinstance(execute_params, Mapping):
+    if not isinstance(execute_params, dict) and not isinstance(execute_params, Mapping):
         execute_params = None  # executemany-style lists never reach a cached SELECT
     if statement_params and execute_params:
         params = {**statement_params, **execute_params}  # as construct_params merges them

@@ -161,9 +161,14 @@ class Stats:
         figures[_HITS] += 1
         figures[_HIT_SECONDS] += elapsed
 
-    def miss(self, region: int, fingerprint: str, statement: Any, elapsed: float) -> None:
-        """Count the time of a miss (counted in ``misses`` when it was decided)."""
+    def miss(
+        self, region: int, fingerprint: str, statement: Any, elapsed: float, stored: bool
+    ) -> None:
+        """Count the time of a miss (counted in ``misses`` when it was decided)
+        and, if its result was ``stored``, the store."""
         shard = self._shard()
+        if stored:
+            shard.counts[region]["stores"] += 1
         figures = shard.queries.get(fingerprint)
         if figures is None:
             figures = self._figures(shard, fingerprint, statement)
