@@ -29,9 +29,13 @@ The stamps behind this, beside the table stamps of the protocol
                        value
 =====================  ===================================================================
 
-Values are hashed into :data:`BUCKETS` buckets per column, with a hash every
-process computes alike, so the number of stamps stays bounded whatever the
-data; two values sharing a bucket only invalidate each other's results.
+Values map to :data:`BUCKETS` buckets per column, alike in every process, so
+the number of stamps stays bounded whatever the data; two values sharing a
+bucket only invalidate each other's results. An integer goes to its remainder
+modulo :data:`BUCKETS` (a prime): consecutive integers, such as the ids of a
+table of fewer rows, never share a bucket, and values in a power-of-two stride
+spread evenly. Other values go to a BLAKE2b hash of their normal form, modulo
+the same number.
 
 Values are compared as the database would compare them, erring towards
 equality: numbers by their numeric value (``1``, ``1.0``, ``True`` and
@@ -75,13 +79,17 @@ __all__ = [
     "MAX_IN_VALUES",
     "Pin",
     "any_rows",
+    "eager_pins",
     "key_columns",
     "pins_of",
     "value_names",
 ]
 
-#: buckets per key column: bounds the number of value stamps per column
-BUCKETS: Final = 4096
+#: buckets per key column: bounds the number of value stamps per column. A
+#: prime, the largest below 2**14: integers map to their remainder, so any run
+#: of consecutive integers shorter than this has a stamp per value. Every
+#: process sharing a backend must use the same mapping (it is the protocol)
+BUCKETS: Final = 16381
 #: an ``IN`` list longer than this makes the result depend on the whole table
 MAX_IN_VALUES: Final = 64
 #: a write that would move more value stamps than this moves its tables' ``<t>!``
@@ -227,8 +235,11 @@ _buckets: BoundedMemo[str, int] = BoundedMemo(50_000)
 def _bucket(normalized: str) -> int:
     found = _buckets.get(normalized)
     if found is None:
-        digest = hashlib.blake2b(normalized.encode(), digest_size=8).digest()
-        found = int.from_bytes(digest, "big") % BUCKETS
+        if normalized[0] == "i":  # an integer (see normal): exact below BUCKETS
+            found = int(normalized[1:]) % BUCKETS
+        else:
+            digest = hashlib.blake2b(normalized.encode(), digest_size=8).digest()
+            found = int.from_bytes(digest, "big") % BUCKETS
         _buckets.put(normalized, found)
     return found
 
@@ -519,6 +530,143 @@ def pins_of(compiled: Any) -> dict[str, Pin]:
     # be written) is in direct once; a name shared by two schemas is not pinned
     names = [t.name.lower() for t in direct]
     return {n: p for n, p in pins.items() if names.count(n) == 1}
+
+
+def executed_values(params: Mapping[str, Any], name: str, expanding: bool) -> list[Any] | None:
+    """The value(s) of bind parameter ``name`` in a statement's executed
+    parameters (``compiled_parameters``); an expanding ``IN`` parameter ``n``
+    is executed as ``n_1``, ``n_2``, ... (all of them are collected: never
+    fewer values than the statement used). None if absent."""
+    if not expanding:
+        return [params[name]] if name in params else None
+    values: list[Any] = []
+    while f"{name}_{len(values) + 1}" in params:
+        values.append(params[f"{name}_{len(values) + 1}"])
+    if not values and name in params:  # not expanded (an empty IN, a dialect that does not)
+        found = params[name]
+        return list(found) if isinstance(found, (list, tuple)) else None
+    return values
+
+
+def _normalized(kind: str, values: Iterable[Any]) -> set[str] | None:
+    found = set()
+    for value in values:
+        normalized = normal(kind, value)
+        if normalized is None:
+            return None
+        found.add(normalized)
+    return found
+
+
+# compiled statement -> its pins (eager loads; the main statement's live on its shape)
+_compiled_pins: BoundedMemo[int, tuple[Any, dict[str, Pin]]] = BoundedMemo(2000)
+
+
+def _pins_of_compiled(compiled: Any) -> dict[str, Pin]:
+    memo = _compiled_pins.get(id(compiled))
+    if memo is None or memo[0] is not compiled:
+        try:
+            found = pins_of(compiled)
+        except Exception:  # a construct the analysis does not know: whole tables
+            found = {}
+        memo = (compiled, found)  # holds the compiled: its id is not reused meanwhile
+        _compiled_pins.put(id(compiled), memo)
+    return memo[1]
+
+
+def eager_pins(
+    main: Mapping[str, Pin],
+    main_params: Mapping[str, Any] | None,
+    others: Iterable[tuple[Any, Mapping[str, Any] | None, frozenset[str]]],
+) -> tuple[list[Pin], set[str]]:
+    """Pins for the tables read by the other statements of a miss (eager
+    loads such as ``selectinload``), and the tables that stay whole.
+
+    A table an eager load reads is pinned when the load pins it (``IN`` or
+    ``=`` on a key column) to values that are all among the values of one of
+    the main statement's pins in this execution: a ``selectinload`` of the
+    items of ``categories.id = 3`` reads ``items.category_id IN (3)``. The pin
+    recorded takes its values from the main statement's parameter, so every
+    execution reads the stamps of the main pin's values (a superset of the
+    load's), computed before the lookup as for any pin. This holds for the
+    entry it is stored with, whose key carries these same values: the load's
+    values come from rows the entry's other dependencies already cover.
+    """
+    derived: list[Pin] = []
+    whole: set[str] = set()
+    if main_params is None:
+        main = {}
+    parents: list[tuple[Pin, list[Any]]] = []
+    for pin in main.values():
+        values = executed_values(main_params or {}, pin.name, pin.expanding)
+        if values is not None and len(values) <= MAX_IN_VALUES:
+            parents.append((pin, values))
+    for compiled, params, tables in others:
+        pins = _pins_of_compiled(compiled) if params is not None and parents else {}
+        for table in tables:
+            loaded = pins.get(table)
+            if loaded is None or params is None:
+                whole.add(table)
+                continue
+            values = executed_values(params, loaded.name, loaded.expanding)
+            wanted = None if values is None else _normalized(loaded.kind, values)
+            source = None
+            if wanted is not None:
+                for parent, parent_values in parents:
+                    offered = _normalized(loaded.kind, parent_values)
+                    if offered is not None and wanted <= offered:
+                        source = parent
+                        break
+            if source is None:
+                whole.add(table)
+            else:
+                derived.append(
+                    loaded._replace(
+                        name=source.name, position=source.position, expanding=source.expanding
+                    )
+                )
+    return derived, whole
+
+
+# --------------------------------------------------------------------------
+# writes: which values a DELETE by its keys removes
+
+
+def delete_keys(compiled: Any) -> tuple[str, tuple[tuple[str, str, str], ...]] | None:
+    """For a compiled single-table DELETE whose WHERE, as a conjunction,
+    equates *every* key column of the table to a bound parameter (as the ORM
+    deletes association rows: ``user_id = ? AND keyword_id = ?``): the table's
+    stamp name and ``(column, kind, parameter name)`` per key column. Every
+    row it deletes then has those values, whatever the rest of the WHERE.
+    None for anything else (a key column not pinned, ``IN``, ``DELETE ...
+    USING``, a table with no key columns)."""
+    stmt = getattr(compiled, "statement", None)
+    table = getattr(stmt, "table", None)
+    if not isinstance(table, Table) or getattr(stmt, "__visit_name__", "") != "delete":
+        return None
+    if getattr(getattr(compiled, "compile_state", None), "_extra_froms", None):
+        return None
+    keys = key_columns(table)
+    if not keys:
+        return None
+    bind_names = compiled.bind_names
+    found: dict[str, str] = {}
+    for crit in _conjuncts(getattr(stmt, "whereclause", None)):
+        if not isinstance(crit, BinaryExpression) or crit.operator is not operators.eq:
+            continue
+        for col, bind in ((crit.left, crit.right), (crit.right, crit.left)):
+            column = _column_of(col, {table})
+            if (
+                column is not None
+                and column.name in keys
+                and isinstance(bind, BindParameter)
+                and not bind.expanding
+                and bind in bind_names
+            ):
+                found.setdefault(column.name, bind_names[bind])
+    if found.keys() != keys.keys():
+        return None
+    return table.name.lower(), tuple((c, keys[c], found[c]) for c in sorted(found))
 
 
 # --------------------------------------------------------------------------

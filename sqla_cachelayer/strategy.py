@@ -56,6 +56,7 @@ from .rows import (
     MAX_WRITE_STAMPS,
     FlushRows,
     any_rows,
+    eager_pins,
     flushed_names,
     key_columns,
     pins_of,
@@ -153,10 +154,16 @@ class RowInvalidation(InvalidationStrategy):
             except Exception:  # a construct the analysis does not know: whole tables
                 pins = {}
             shape.pins = pins
-        # a table an eager load (or any other statement of the miss) read too
-        # depends as a whole: its rows there are not the pinned ones
-        others = collector.others
-        return spec_of(collector.tables, [p for t, p in pins.items() if t not in others])
+        if not collector.others:
+            return spec_of(collector.tables, pins.values())
+        # a table an eager load (or any other statement of the miss) reads is
+        # pinned where the load's values are among a main pin's, else whole
+        derived, whole = eager_pins(pins, collector.main_params, collector.other_reads)
+        return spec_of(
+            collector.tables,
+            [p for t, p in pins.items() if t not in whole]
+            + [p for p in derived if p.table not in whole],
+        )
 
     def stamp_names(self, spec: tuple[str, ...], ck: Any, execute_params: Any) -> tuple[str, ...]:
         return stamp_names(spec, ck.bindparams, cache_key_params(ck), execute_params)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -42,7 +42,14 @@ from ._compat import is_autocommit_isolation
 from ._fork import at_fork_in_child, renew_after_fork
 from .invalidation import ALL_TABLES, ANY_TABLE
 from .keys import BoundedMemo
-from .rows import MAX_WRITE_STAMPS, FlushRows, any_rows, key_columns, value_names
+from .rows import (
+    MAX_WRITE_STAMPS,
+    FlushRows,
+    any_rows,
+    delete_keys,
+    key_columns,
+    value_names,
+)
 
 __all__ = ["ReadCollector", "collecting", "watch_engine"]
 
@@ -315,6 +322,7 @@ def _textual(sql: str) -> tuple[frozenset[str], bool]:
 
 _compiled_reads: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
 _compiled_writes: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
+_compiled_deletes: BoundedMemo[int, tuple[Any, Any]] = BoundedMemo(5000)
 _compiled_cte_writes: BoundedMemo[int, tuple[Any, frozenset[str]]] = BoundedMemo(5000)
 
 
@@ -370,6 +378,37 @@ def _inserted_rows(compiled: Any, context: Any) -> frozenset[str] | None:
     for row in params:
         for column, kind in keys.items():
             found = value_names(tname, column.lower(), kind, [row.get(bind_of[column])])
+            if found is None:
+                return None
+            names.update(found)
+    return frozenset(names)
+
+
+def _deleted_rows(compiled: Any, context: Any) -> frozenset[str] | None:
+    """The value stamps of the rows a DELETE removes, when its WHERE equates
+    every key column to a parameter (association rows the ORM deletes, Core
+    deletes by full key); None otherwise."""
+    memo = _compiled_deletes.get(id(compiled))
+    if memo is None or memo[0] is not compiled:
+        try:
+            analysis = delete_keys(compiled)
+        except Exception:  # a construct the analysis does not know: the whole table
+            analysis = None
+        memo = (compiled, analysis)
+        _compiled_deletes.put(id(compiled), memo)
+    analysis = memo[1]
+    params = context.compiled_parameters or ()
+    if analysis is None or not params:
+        return None
+    tname, keys = analysis
+    if len(params) * len(keys) > MAX_WRITE_STAMPS:
+        return None
+    names: set[str] = {tname}
+    for row in params:
+        for column, kind, bind in keys:
+            if bind not in row:
+                return None
+            found = value_names(tname, column.lower(), kind, [row[bind]])
             if found is None:
                 return None
             names.update(found)
@@ -441,17 +480,22 @@ class ReadCollector:
     """Tables read while one cache miss runs; flags writes seen meanwhile.
 
     ``main`` is the compiled form of the miss's own statement (the first SELECT
-    it runs), ``others`` the tables read by the rest (eager loads): row-level
-    invalidation pins only tables that the main statement alone reads.
+    it runs) and ``main_params`` its parameters; ``others`` the tables read by
+    the rest (eager loads), and ``other_reads`` each of those statements as
+    ``(compiled, parameters, tables)``: row-level invalidation pins a table an
+    eager load reads only where the load's ``IN`` values are among the values
+    the main statement pins (see :func:`sqla_cachelayer.rows.eager_pins`).
     """
 
-    __slots__ = ("main", "on_abort", "others", "tables", "wrote")
+    __slots__ = ("main", "main_params", "on_abort", "other_reads", "others", "tables", "wrote")
 
     def __init__(self) -> None:
         self.tables: set[str] = set()
         self.wrote = False
         self.main: Any = None
+        self.main_params: Mapping[str, Any] | None = None
         self.others: set[str] = set()
+        self.other_reads: list[tuple[Any, Mapping[str, Any] | None, frozenset[str]]] = []
         #: called once if a statement of the miss is stopped by a
         #: ``BaseException`` that is not an ``Exception`` (a cancelled
         #: coroutine), before SQLAlchemy's own cleanup of the connection
@@ -595,7 +639,10 @@ class _EngineWatch:
                 or context.execution_options.get("compiled_cache") is None
                 or context.root_connection._is_autocommit_isolation()
             ):
-                rows = _inserted_rows(compiled, context) if context.isinsert else None
+                if context.isinsert:
+                    rows = _inserted_rows(compiled, context)
+                else:
+                    rows = _deleted_rows(compiled, context) if context.isdelete else None
                 written = _with_any_rows(written) if rows is None else written | rows
             elif not getattr(context, _COUNTED, False):
                 # a statement of an installed session's flush: the ORM knows its
@@ -610,10 +657,14 @@ class _EngineWatch:
             if collector is not None:
                 read = _reads_of(compiled)
                 collector.tables.update(read)
+                params = context.compiled_parameters
+                one = params[0] if params and len(params) == 1 else None
                 if collector.main is None:
                     collector.main = compiled
+                    collector.main_params = one
                 else:
                     collector.others.update(read)
+                    collector.other_reads.append((compiled, one, read))
             if not compiled.ctes:
                 return False
             written = _with_any_rows(_cte_writes_of(compiled))

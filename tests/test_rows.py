@@ -532,3 +532,130 @@ def test_association_and_core_inserts_with_their_keys_are_row_level(make_env: An
         s.commit()
     assert _hit(env.layer, env.Session, kw_of(1))
     assert (3,) in _ids(env.Session, kw_of(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_association_row_deletes_are_row_level(
+    backend: str, make_env: Any, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """The ORM deletes an association row by its key columns (``user_id = ?
+    AND keyword_id = ?``): only results pinned on those values are refreshed;
+    a Core DELETE by every key column likewise, one by part of them is not."""
+    from _models import Keyword, User, user_keywords
+    from conftest import region_for
+
+    name = "dogpile.cache.redis" if backend == "redis" else backend
+    env = make_env(region=region_for(name, request, tmp_path), cache_all=True)
+    kw_of = lambda u: (  # noqa: E731
+        select(user_keywords.c.keyword_id)
+        .where(user_keywords.c.user_id == u)
+        .order_by(user_keywords.c.keyword_id)
+    )
+    users_of = lambda k: (  # noqa: E731
+        select(user_keywords.c.user_id)
+        .where(user_keywords.c.keyword_id == k)
+        .order_by(user_keywords.c.user_id)
+    )
+    # users 1 and 4 have keywords 1 and 2, users 2 and 5 have 1, 2, 3, user 3 has 1
+    for stmt in (kw_of(1), kw_of(2), kw_of(3), users_of(2), users_of(3)):
+        _ids(env.Session, stmt)
+    with env.Session() as s:  # the ORM deletes the row (1, 2)
+        user = s.get(User, 1)
+        user.keywords.remove(s.get(Keyword, 2))
+        s.commit()
+    assert _hit(env.layer, env.Session, kw_of(2)), "user 2's keywords did not change"
+    assert _hit(env.layer, env.Session, kw_of(3))
+    assert _hit(env.layer, env.Session, users_of(3)), "keyword 3's users did not change"
+    assert _ids(env.Session, kw_of(1)) == [(1,)]
+    assert _ids(env.Session, users_of(2)) == [(2,), (4,), (5,)]
+    with env.Session() as s:  # Core, by every key column
+        s.connection().execute(
+            delete(user_keywords).where(
+                user_keywords.c.user_id == 2, user_keywords.c.keyword_id == 3
+            )
+        )
+        s.commit()
+    assert _hit(env.layer, env.Session, kw_of(3)), "user 3's keywords did not change"
+    assert _ids(env.Session, kw_of(2)) == [(1,), (2,)]
+    assert _ids(env.Session, users_of(3)) == [(5,)]
+    _ids(env.Session, kw_of(1))
+    with env.Session() as s:  # by one key column: its other values are not known
+        s.connection().execute(delete(user_keywords).where(user_keywords.c.user_id == 3))
+        s.commit()
+    assert not _hit(env.layer, env.Session, kw_of(1)), "the deleted rows' keywords: unknown"
+    assert _ids(env.Session, kw_of(3)) == []
+    for stmt in (kw_of(1), kw_of(2), kw_of(3), users_of(1), users_of(2), users_of(3)):
+        assert _ids(env.Session, stmt) == _ids(env.Session, stmt.options(NoCache()))
+
+
+def _categories(Session: Any, stmt: Any) -> list[Any]:
+    with Session() as s:
+        return [(c.id, c.name, [(i.id, i.price) for i in c.items]) for c in s.scalars(stmt)]
+
+
+def _items(Session: Any, stmt: Any) -> list[Any]:
+    with Session() as s:
+        return [(i.id, i.price, i.category.id, i.category.name) for i in s.scalars(stmt)]
+
+
+def _eager_hit(layer: Any, read: Callable[..., Any], Session: Any, stmt: Any) -> bool:
+    hits = layer.stats()["hits"]
+    read(Session, stmt)
+    return bool(layer.stats()["hits"] == hits + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selectinload_pins_the_children_of_pinned_parents(
+    backend: str, shop: Any, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """A ``selectinload`` run inside a parent's miss reads its children with
+    ``IN`` (the parents' values): when those are the values the parent's
+    WHERE pins, the children are pinned too, not read as a whole table."""
+    from conftest import region_for
+
+    name = "dogpile.cache.redis" if backend == "redis" else backend
+    _engine, layer, Session = shop(region=region_for(name, request, tmp_path))
+    # one-to-many: items.category_id IN (4); many-to-one: categories.id IN (5)
+    cat4 = select(Category).where(Category.id == 4).options(selectinload(Category.items))
+    cats = (
+        select(Category)
+        .where(Category.id.in_([2, 3]))
+        .order_by(Category.id)
+        .options(selectinload(Category.items))
+    )
+    in5 = (
+        select(Item)
+        .where(Item.category_id == 5)
+        .order_by(Item.id)
+        .options(selectinload(Item.category))
+    )
+    checks = [(_categories, cat4), (_categories, cats), (_items, in5)]
+    for read, stmt in checks:
+        read(Session, stmt)
+    # item 10 is in category 5, item 3 in category 4, item 2 in category 3
+    with Session() as s:
+        s.get(Item, 10).price = 1010
+        s.get(Category, 6).name = "six"
+        s.commit()
+    assert _eager_hit(layer, _categories, Session, cat4), "no item of category 4 changed"
+    assert _eager_hit(layer, _categories, Session, cats), "no item of categories 2, 3 changed"
+    assert not _eager_hit(layer, _items, Session, in5), "item 10 of category 5 changed"
+    assert _eager_hit(layer, _items, Session, in5), "refilled"
+    for writer, stale in (
+        (lambda s: setattr(s.get(Item, 3), "price", 333), [cat4]),  # a child of category 4
+        (lambda s: setattr(s.get(Item, 10), "category_id", 3), [cats, in5]),  # 5 -> 3
+        (lambda s: setattr(s.get(Category, 5), "name", "five"), [in5]),  # a parent of items in 5
+        (lambda s: s.add(Item(id=900, category_id=4, sku="NEW", price=9)), [cat4]),
+        (lambda s: s.delete(s.get(Item, 2)), [cats]),  # a child of category 3
+    ):
+        for read, stmt in checks:
+            read(Session, stmt)
+        with Session() as s:
+            writer(s)
+            s.commit()
+        for read, stmt in checks:
+            if stmt in stale:
+                assert not _eager_hit(layer, read, Session, stmt)
+            assert read(Session, stmt) == read(Session, stmt.options(NoCache()))
+    assert (900, 9) in _categories(Session, cat4)[0][2]
+    assert (3, 333) in _categories(Session, cat4)[0][2]
