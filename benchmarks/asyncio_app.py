@@ -9,10 +9,21 @@ from a skewed set of 2,000; one third a category page, 40 items), 10% writes
 it). A ticker coroutine sleeping 5 ms records the loop's longest pause beyond
 its sleep. Cases: uncached; cached with ``sqla_cachelayer.memory``; cached
 with ``sqla_cachelayer.redis`` (``redis.asyncio`` from the ORM's greenlet),
-each on aiosqlite (a SQLite file) and on asyncpg (PostgreSQL).
+each on aiosqlite (a SQLite file) and on asyncpg (PostgreSQL); and the
+ceiling, ``free reads``: the same requests with every read costing nothing,
+which no cache can beat (with writes, the throughput the writes alone allow).
 
-    python benchmarks/asyncio_app.py                # about a minute
-    python benchmarks/asyncio_app.py --seconds 2 --repeat 1
+Columns: the loop's longest pause seen by the ticker (a whole round of the
+ready tasks) and its 99th percentile; the longest single step the loop ran
+(one task step), the longest step during which no garbage collection ran
+(the code's own), the longest collection; the longest pause during bursts of
+100 simultaneous hits; the number of collections and the objects the
+collector tracks at the end (thousands): what a full collection scans.
+``--gc freeze`` calls ``gc.freeze()`` after the warm-up (an application's
+setting), ``--gc off`` disables the collector during the measured time.
+
+    python benchmarks/asyncio_app.py                # a few minutes
+    python benchmarks/asyncio_app.py --seconds 2 --repeat 1 --gc on,freeze,off
     python benchmarks/asyncio_app.py --pg-url postgresql://... --redis-url redis://...
 
 Redis and PostgreSQL are started privately for the run (``tests/_servers.py``)
@@ -85,7 +96,7 @@ def _item_id(rng: random.Random) -> int:
     return rng.randint(1, ITEMS)
 
 
-async def _request(Session: Any, rng: random.Random, writes: float) -> None:
+async def _request(Session: Any, rng: random.Random, writes: float, free_reads: bool) -> None:
     roll = rng.random()
     if roll < writes:
         key = _item_id(rng)
@@ -96,6 +107,13 @@ async def _request(Session: Any, rng: random.Random, writes: float) -> None:
 
         # a read-modify-write: the project's retry helper, as an app would
         await scl.run_in_transaction_async(Session, reprice, attempts=20)
+        return
+    if free_reads:
+        # the ceiling: a read that costs nothing (what no cache can beat)
+        if roll < writes + (1 - writes) / 3:
+            rng.randrange(CATEGORIES)
+        else:
+            _item_id(rng)
         return
     async with Session() as s:
         if roll < writes + (1 - writes) / 3:
@@ -149,13 +167,18 @@ class _StepTimer:
 
     def __init__(self) -> None:
         self.worst = 0.0
+        #: the longest step during which no garbage collection ran: the
+        #: code's own (the cache's, the ORM's, the driver's)
+        self.worst_no_gc = 0.0
         self.worst_gc = 0.0  # the longest garbage collection meanwhile
         self._run: Any = None
         self._gc_started = 0.0
+        self._gcs = 0
 
     def _gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
+            self._gcs += 1
         else:
             self.worst_gc = max(self.worst_gc, time.perf_counter() - self._gc_started)
 
@@ -164,11 +187,14 @@ class _StepTimer:
         run = self._run = handle._run
 
         def timed(h: Any) -> None:
+            gcs = self._gcs
             before = time.perf_counter()
             run(h)
             spent = time.perf_counter() - before
             if spent > self.worst:
                 self.worst = spent
+            if spent > self.worst_no_gc and gcs == self._gcs:
+                self.worst_no_gc = spent
 
         handle._run = timed  # type: ignore[method-assign]
         gc.callbacks.append(self._gc)
@@ -179,11 +205,18 @@ class _StepTimer:
         gc.callbacks.remove(self._gc)
 
 
+#: cache column of the ceiling case: the same requests, reads costing nothing
+CEILING = "free reads"
+
+
 async def _run_case(
-    url: str, region: dict[str, str] | None, seconds: float, writes: float
+    url: str, region: dict[str, str] | None, seconds: float, writes: float, gc_mode: str
 ) -> dict[str, float]:
     engine = scl.async_engine_from_config({"sqlalchemy.url": url})
     await _seed(engine)
+    free_reads = region is not None and "backend" not in region
+    if free_reads:
+        region = None
     options = {"cache_region": "default"} if region is not None else {}
     Session = async_sessionmaker(engine, expire_on_commit=False, execution_options=options)
     layer = None
@@ -207,7 +240,7 @@ async def _run_case(
         nonlocal done
         rng = random.Random(seed)
         while time.perf_counter() < until:
-            await _request(Session, rng, writes)
+            await _request(Session, rng, writes, free_reads)
             done += 1
             # an ASGI server writes the response to its socket: the loop runs
             # other tasks there (a cache hit itself never yields)
@@ -217,14 +250,29 @@ async def _run_case(
     warm_until = time.perf_counter() + min(1.0, seconds / 2)
     await asyncio.gather(*(client(-i - 1, warm_until) for i in range(CONCURRENCY)))
     done = 0
+    gc.collect()
+    if gc_mode == "freeze":
+        # an application's setting: what start-up and warm-up made is never
+        # scanned again by the collector
+        gc.freeze()
+    elif gc_mode == "off":
+        gc.disable()
+    collections = sum(s["collections"] for s in gc.get_stats())
     tick = asyncio.create_task(ticker())
     started = time.perf_counter()
     until = started + seconds
-    with longest:
-        await asyncio.gather(*(client(i, until) for i in range(CONCURRENCY)))
-    elapsed = time.perf_counter() - started
-    stop = True
-    await tick
+    try:
+        with longest:
+            await asyncio.gather(*(client(i, until) for i in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - started
+        stop = True
+        await tick
+    finally:
+        collections = sum(s["collections"] for s in gc.get_stats()) - collections
+        # what a full collection scans (a frozen heap is left out of it)
+        tracked = len(gc.get_objects())
+        gc.enable()
+        gc.unfreeze()
     burst = await _burst(Session)
     stats = layer.stats() if layer is not None else {}
     await engine.dispose()
@@ -232,11 +280,15 @@ async def _run_case(
         "rps": done / elapsed,
         "gap_ms": max(gaps) * 1000,
         "step_ms": longest.worst * 1000,
+        "own_ms": longest.worst_no_gc * 1000,
         "gc_ms": longest.worst_gc * 1000,
         "burst_ms": burst * 1000,
         "gap_p99_ms": statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else 0.0,
         "hit_ratio": stats.get("hits", 0) / max(1, stats.get("hits", 0) + stats.get("misses", 0)),
         "bypasses": stats.get("bypasses", 0),
+        "errors": stats.get("errors", 0),
+        "collections": collections,
+        "tracked": tracked,
     }
 
 
@@ -282,6 +334,20 @@ def main(argv: list[str] | None = None) -> int:
         default="0.10,0",
         help="shares of requests that write, comma-separated (one table each)",
     )
+    parser.add_argument(
+        "--gc",
+        default="on",
+        help="garbage collector during the measured time, comma-separated: on, "
+        "freeze (gc.freeze() after warm-up), off (gc.disable())",
+    )
+    parser.add_argument(
+        "--databases", default="aiosqlite,asyncpg", help="comma-separated: aiosqlite, asyncpg"
+    )
+    parser.add_argument(
+        "--caches",
+        default=f"uncached,memory,redis,{CEILING}",
+        help=f"comma-separated: uncached, memory, redis, '{CEILING}'",
+    )
     parser.add_argument("--pg-url")
     parser.add_argument("--redis-url")
     args = parser.parse_args(argv)
@@ -289,51 +355,66 @@ def main(argv: list[str] | None = None) -> int:
     cleanups: list[Any] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            databases = {"aiosqlite": f"sqlite+aiosqlite:///{tmp}/app.db"}
-            pg = _postgres(args, cleanups)
+            wanted_dbs = args.databases.split(",")
+            wanted = args.caches.split(",")
+            databases = {}
+            if "aiosqlite" in wanted_dbs:
+                databases["aiosqlite"] = f"sqlite+aiosqlite:///{tmp}/app.db"
+            pg = _postgres(args, cleanups) if "asyncpg" in wanted_dbs else None
             if pg is not None:
                 databases["asyncpg"] = pg
-            caches: dict[str, dict[str, str] | None] = {
-                "uncached": None,
-                "memory": {"backend": "sqla_cachelayer.memory"},
-            }
-            redis_url = _redis(args, cleanups)
+            caches: dict[str, dict[str, str] | None] = {"uncached": None}
+            if "memory" in wanted:
+                caches["memory"] = {"backend": "sqla_cachelayer.memory"}
+            redis_url = _redis(args, cleanups) if "redis" in wanted else None
             if redis_url is not None:
                 caches["redis"] = {"backend": "sqla_cachelayer.redis", "arguments.url": redis_url}
+            if CEILING in wanted:
+                caches[CEILING] = {}
             print(
                 f"Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, "
                 f"{os.cpu_count()} CPUs; {CONCURRENCY} coroutines, "
                 f"{args.seconds:g} s per run, median of {args.repeat} runs"
             )
             print(f"load average before: {os.getloadavg()}")
-            for writes in [float(w) for w in args.writes.split(",")]:
-                print(f"\n{1 - writes:.0%} reads, {writes:.0%} writes")
+            for writes, gc_mode in [
+                (float(w), g) for w in args.writes.split(",") for g in args.gc.split(",")
+            ]:
+                print(f"\n{1 - writes:.0%} reads, {writes:.0%} writes; gc {gc_mode}")
                 print(
-                    f"{'database':<10} {'cache':<9} {'req/s':>8} {'x uncached':>10} "
-                    f"{'max gap ms':>10} {'p99 gap ms':>10} {'step ms':>7} {'gc ms':>6} "
-                    f"{'burst ms':>8} {'hit ratio':>9}"
+                    f"{'database':<10} {'cache':<10} {'req/s':>8} {'x uncached':>10} "
+                    f"{'max gap ms':>10} {'p99 gap ms':>10} {'step ms':>7} {'no-gc ms':>8} "
+                    f"{'gc ms':>6} {'burst ms':>8} {'hit ratio':>9} {'errors':>6} {'gcs':>5} "
+                    f"{'heap k':>6}"
                     "  load (1 min)"
                 )
                 for db, url in databases.items():
                     base = None
                     for name, region in caches.items():
+                        if name == CEILING and not writes:
+                            continue  # nothing but free reads: no bound to show
                         runs = [
-                            asyncio.run(_run_case(url, region, args.seconds, writes))
+                            asyncio.run(_run_case(url, region, args.seconds, writes, gc_mode))
                             for _ in range(args.repeat)
                         ]
                         rps = statistics.median(r["rps"] for r in runs)
                         gap = statistics.median(r["gap_ms"] for r in runs)
                         p99 = statistics.median(r["gap_p99_ms"] for r in runs)
                         step = statistics.median(r["step_ms"] for r in runs)
+                        own = statistics.median(r["own_ms"] for r in runs)
                         gcp = statistics.median(r["gc_ms"] for r in runs)
                         burst = statistics.median(r["burst_ms"] for r in runs)
                         ratio = statistics.median(r["hit_ratio"] for r in runs)
+                        errors = max(r["errors"] for r in runs)
+                        gcs = statistics.median(r["collections"] for r in runs)
+                        heap = statistics.median(r["tracked"] for r in runs) / 1000
                         if base is None:
                             base = rps
                         print(
-                            f"{db:<10} {name:<9} {rps:>8.0f} {rps / base:>9.2f}x "
-                            f"{gap:>10.1f} {p99:>10.1f} {step:>7.1f} {gcp:>6.1f} {burst:>8.1f}"
-                            f" {ratio:>9.2f}  {os.getloadavg()[0]:.1f}",
+                            f"{db:<10} {name:<10} {rps:>8.0f} {rps / base:>9.2f}x "
+                            f"{gap:>10.1f} {p99:>10.1f} {step:>7.1f} {own:>8.1f} {gcp:>6.1f}"
+                            f" {burst:>8.1f} {ratio:>9.2f} {errors:>6.0f} {gcs:>5.0f} {heap:>6.0f}"
+                            f"  {os.getloadavg()[0]:.1f}",
                             flush=True,
                         )
             print(f"load average after: {os.getloadavg()}")
