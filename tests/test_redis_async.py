@@ -377,3 +377,36 @@ def test_invalidation_retries_pause_on_the_loop(
     for (_, ended), (started, _) in itertools.pairwise(attempts):
         assert started > ended, f"the loop stood still between two attempts: {attempts}"
     assert layer.stats()["errors"] >= 1
+
+
+def test_coroutines_get_connections_in_turn(redis_db_url: str) -> None:
+    """100 coroutines reading in a loop through 4 connections are served in
+    turn: when the first has made its 50 calls, every other has made nearly
+    as many. (redis-py's BlockingConnectionPool lets a coroutine that asks
+    again take back the connection it just released ahead of the waiting
+    ones: some had made 0 calls, and, with the pool's usual timeout, failed
+    with "No connection available".)"""
+    from sqla_cachelayer.backends.redis import RedisBackend
+
+    backend = RedisBackend(
+        # a long wait: the order of service is measured here, not the time
+        {"url": redis_db_url, "max_connections": "4", "socket_connect_timeout": "30"}
+    )
+    calls = [0] * 100
+    when_first_done: list[list[int]] = []
+
+    async def reader(i: int) -> None:
+        client = backend.async_client()
+        for _ in range(50):
+            assert await client.mget(["a", "b"]) == [None, None]
+            calls[i] += 1
+        if not when_first_done:
+            when_first_done.append(list(calls))
+
+    async def main() -> None:
+        await asyncio.gather(*(reader(i) for i in range(100)))
+        await backend.async_client().aclose()
+
+    asyncio.run(main())
+    assert calls == [50] * 100
+    assert min(when_first_done[0]) >= 45, sorted(when_first_done[0])[:10]

@@ -394,7 +394,7 @@ class RedisBackend(_DogpileRedisBackend):
                 made = aioredis.ConnectionPool.from_url(spec["url"], **kwargs)
             else:
                 made = aioredis.Redis(**kwargs).connection_pool
-            pool = aioredis.BlockingConnectionPool(
+            pool = _fair_pool_class()(
                 max_connections=self.async_max_connections,
                 timeout=self.async_pool_timeout,
                 connection_class=made.connection_class,
@@ -404,6 +404,68 @@ class RedisBackend(_DogpileRedisBackend):
             with self._async_lock:
                 client = self._async_clients.setdefault(loop, client)
         return client
+
+
+_FAIR_POOL: type[Any] | None = None
+
+
+def _fair_pool_class() -> type[Any]:
+    """A ``redis.asyncio`` connection pool that lends at most
+    ``max_connections`` connections, to waiting coroutines in their order of
+    arrival, each waiting at most ``timeout`` seconds.
+
+    redis-py's ``BlockingConnectionPool`` lets a coroutine that asks again
+    take the connection it has just released ahead of those already waiting
+    (they are only notified): with 100 coroutines asking in turn, some waited
+    out any timeout while others were served over and over. Here a FIFO
+    ``asyncio.Semaphore`` (fair since Python 3.11) hands each released slot
+    to the first waiter.
+    """
+    global _FAIR_POOL
+    if _FAIR_POOL is not None:
+        return _FAIR_POOL
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class FairConnectionPool(aioredis.ConnectionPool):
+        def __init__(self, *, timeout: float, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.timeout = timeout
+            # created outside any loop; it binds to the first loop using it,
+            # and each event loop has a pool of its own
+            self._slots = asyncio.Semaphore(self.max_connections)
+            # connections lent with a slot: release() frees theirs
+            self._lent: set[Any] = set()
+
+        async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            slots = self._slots
+            if slots.locked():
+                try:
+                    await asyncio.wait_for(slots.acquire(), self.timeout)
+                except TimeoutError:
+                    raise RedisConnectionError("No connection available.") from None
+            else:
+                await slots.acquire()  # free: returns without yielding
+            try:
+                # (a connection that fails its connect is released inside,
+                # before it is lent: its slot is freed below)
+                connection = await super().get_connection()  # type: ignore[no-untyped-call]
+            except BaseException:
+                slots.release()
+                raise
+            self._lent.add(connection)
+            return connection
+
+        async def release(self, connection: Any) -> None:
+            try:
+                await super().release(connection)
+            finally:
+                if connection in self._lent:
+                    self._lent.discard(connection)
+                    self._slots.release()
+
+    _FAIR_POOL = FairConnectionPool
+    return _FAIR_POOL
 
 
 def _async_cap(args: Mapping[str, Any], given: int | None) -> int:
