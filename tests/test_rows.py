@@ -584,6 +584,16 @@ def test_association_row_deletes_are_row_level(
         s.commit()
     assert not _hit(env.layer, env.Session, kw_of(1)), "the deleted rows' keywords: unknown"
     assert _ids(env.Session, kw_of(3)) == []
+    for stmt in (kw_of(1), kw_of(2), users_of(1), users_of(2)):
+        _ids(env.Session, stmt)
+    with env.Session() as s:  # the ORM inserts the row (3, 2)
+        user = s.get(User, 3)
+        user.keywords.append(s.get(Keyword, 2))
+        s.commit()
+    assert _hit(env.layer, env.Session, kw_of(1)), "user 1's keywords did not change"
+    assert _hit(env.layer, env.Session, users_of(1)), "keyword 1's users did not change"
+    assert _ids(env.Session, kw_of(3)) == [(2,)]
+    assert (3,) in _ids(env.Session, users_of(2))
     for stmt in (kw_of(1), kw_of(2), kw_of(3), users_of(1), users_of(2), users_of(3)):
         assert _ids(env.Session, stmt) == _ids(env.Session, stmt.options(NoCache()))
 
