@@ -308,10 +308,48 @@ def test_extra_key_columns_from_settings(shop: Any) -> None:
 # the differential test: never a difference from the database
 
 
+def _plain(value: Any) -> Any:
+    """An ORM object as plain values, with what its eager loads loaded."""
+    if isinstance(value, Category):
+        return (value.id, value.name, [(i.id, i.price, i.category_id) for i in value.items])
+    if isinstance(value, Item):
+        return (value.id, value.price, value.category_id, value.category.id, value.category.name)
+    return value
+
+
+def _answer(Session: Any, stmt: Any) -> list[Any]:
+    """A read's answer as plain values (objects only from eager-loading reads)."""
+    with Session() as s:
+        return [tuple(map(_plain, r)) for r in s.execute(stmt).all()]
+
+
 def _random_read(rng: random.Random) -> Any:
-    kind = rng.randrange(9)
+    kind = rng.randrange(13)
     c = rng.randint(1, CATEGORIES)
     i = rng.randint(1, ITEMS + 20)
+    if kind == 9:  # selectinload of the items of pinned categories: items pinned too
+        return select(Category).where(Category.id == c).options(selectinload(Category.items))
+    if kind == 10:
+        return (
+            select(Category)
+            .where(Category.id.in_([c, rng.randint(1, CATEGORIES)]))
+            .order_by(Category.id)
+            .options(selectinload(Category.items))
+        )
+    if kind == 11:  # selectinload of the category of items pinned by category
+        return (
+            select(Item)
+            .where(Item.category_id == c)
+            .order_by(Item.id)
+            .options(selectinload(Item.category))
+        )
+    if kind == 12:  # parents not pinned by key: the eager load's table is whole
+        return (
+            select(Category)
+            .where(Category.name == f"c{c}")
+            .order_by(Category.id)
+            .options(selectinload(Category.items))
+        )
     if kind == 0:
         return select(Item.id, Item.price, Item.category_id).where(Item.id == i)
     if kind == 1:
@@ -340,7 +378,7 @@ def _random_read(rng: random.Random) -> Any:
 
 def _random_write(rng: random.Random, s: Any, new_ids: Iterator[int]) -> None:
     # mostly ORM writes (rows known: row-level), some whose rows are not known
-    kind = rng.choice((0, 0, 1, 1, 1, 2, 3, 6, 0, 1, 4, 5, 7))
+    kind = rng.choice((0, 0, 1, 1, 1, 2, 3, 6, 0, 1, 4, 5, 7, 8))
     i = rng.randint(1, ITEMS)
     c = rng.randint(1, CATEGORIES)
     item = s.get(Item, i)
@@ -358,6 +396,8 @@ def _random_write(rng: random.Random, s: Any, new_ids: Iterator[int]) -> None:
         s.execute(text(f"UPDATE items SET category_id = {c} WHERE id = {i}"))
     elif kind == 6 and item is not None:
         item.sku = f"R-{rng.random()}"
+    elif kind == 8:  # a parent of the many-to-one eager loads
+        s.get(Category, c).name = rng.choice((f"c{c}", f"c{c % CATEGORIES + 1}", "other"))
     elif item is not None:  # ORM bulk UPDATE by primary key
         s.execute(update(Item), [{"id": i, "price": rng.randint(0, 9)}])
 
@@ -373,8 +413,8 @@ def _run_mix(Session: Any, seed: int, operations: int, new_base: int) -> int:
                 s.commit()
         else:
             stmt = _random_read(rng)
-            cached = _ids(Session, stmt)
-            fresh = _ids(Session, stmt.options(NoCache()))
+            cached = _answer(Session, stmt)
+            fresh = _answer(Session, stmt.options(NoCache()))
             assert cached == fresh, f"stale answer for {stmt}"
             compared += 1
     return compared
@@ -430,8 +470,8 @@ def test_differential_random_mix_with_threads(shop: Any) -> None:
             stmt = _random_read(rng)
             with lock:
                 before = (state["begun"], state["done"])
-            cached = _ids(Session, stmt)
-            fresh = _ids(Session, stmt.options(NoCache()))
+            cached = _answer(Session, stmt)
+            fresh = _answer(Session, stmt.options(NoCache()))
             with lock:
                 quiet = before[0] == before[1] == state["begun"] == state["done"]
             if quiet and cached != fresh:
@@ -468,8 +508,8 @@ def _process_mix(Session: Any, seed: int, state: Any, lock: Any, out: Any, write
         stmt = _random_read(rng)
         with lock:
             before = (state[0], state[1])
-        cached = _ids(Session, stmt)
-        fresh = _ids(Session, stmt.options(NoCache()))
+        cached = _answer(Session, stmt)
+        fresh = _answer(Session, stmt.options(NoCache()))
         with lock:
             quiet = before[0] == before[1] == state[0] == state[1]
         if quiet:
