@@ -596,9 +596,18 @@ def test_association_row_deletes_are_row_level(
         .where(user_keywords.c.keyword_id == k)
         .order_by(user_keywords.c.user_id)
     )
+    # a many-to-many selectinload reads user_keywords pinned on user 1 (and
+    # keywords whole: their ids come from the association rows)
+    user1 = select(User).where(User.id == 1).options(selectinload(User.keywords))
+
+    def keywords_of_user1(Session: Any, stmt: Any) -> list[Any]:
+        with Session() as s:
+            return [(u.id, [k.id for k in u.keywords]) for u in s.scalars(stmt)]
+
     # users 1 and 4 have keywords 1 and 2, users 2 and 5 have 1, 2, 3, user 3 has 1
     for stmt in (kw_of(1), kw_of(2), kw_of(3), users_of(2), users_of(3)):
         _ids(env.Session, stmt)
+    assert keywords_of_user1(env.Session, user1) == [(1, [1, 2])]
     with env.Session() as s:  # the ORM deletes the row (1, 2)
         user = s.get(User, 1)
         user.keywords.remove(s.get(Keyword, 2))
@@ -608,6 +617,8 @@ def test_association_row_deletes_are_row_level(
     assert _hit(env.layer, env.Session, users_of(3)), "keyword 3's users did not change"
     assert _ids(env.Session, kw_of(1)) == [(1,)]
     assert _ids(env.Session, users_of(2)) == [(2,), (4,), (5,)]
+    assert not _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
+    assert keywords_of_user1(env.Session, user1) == [(1, [1])]
     with env.Session() as s:  # Core, by every key column
         s.connection().execute(
             delete(user_keywords).where(
@@ -616,6 +627,7 @@ def test_association_row_deletes_are_row_level(
         )
         s.commit()
     assert _hit(env.layer, env.Session, kw_of(3)), "user 3's keywords did not change"
+    assert _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
     assert _ids(env.Session, kw_of(2)) == [(1,), (2,)]
     assert _ids(env.Session, users_of(3)) == [(5,)]
     _ids(env.Session, kw_of(1))
@@ -626,12 +638,18 @@ def test_association_row_deletes_are_row_level(
     assert _ids(env.Session, kw_of(3)) == []
     for stmt in (kw_of(1), kw_of(2), users_of(1), users_of(2)):
         _ids(env.Session, stmt)
+    assert not _eager_hit(env.layer, keywords_of_user1, env.Session, user1), "unknown rows"
     with env.Session() as s:  # the ORM inserts the row (3, 2)
         user = s.get(User, 3)
         user.keywords.append(s.get(Keyword, 2))
         s.commit()
     assert _hit(env.layer, env.Session, kw_of(1)), "user 1's keywords did not change"
     assert _hit(env.layer, env.Session, users_of(1)), "keyword 1's users did not change"
+    assert _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
+    with env.Session() as s:  # keywords are read whole by the eager load
+        s.get(Keyword, 3).word = "k3!"
+        s.commit()
+    assert not _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
     assert _ids(env.Session, kw_of(3)) == [(2,)]
     assert (3,) in _ids(env.Session, users_of(2))
     for stmt in (kw_of(1), kw_of(2), kw_of(3), users_of(1), users_of(2), users_of(3)):
