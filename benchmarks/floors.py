@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import query_cache as qc
 
 import sqla_cachelayer as scl
-from sqla_cachelayer import layer as layer_mod
+from sqla_cachelayer import _execute as layer_mod
 from sqla_cachelayer import records
 
 Item = qc.Item

@@ -739,8 +739,8 @@ def breakdown(case: Case, path: str, mode: str, reps: int) -> None:
     from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import ORMExecuteState, Session
 
+    import sqla_cachelayer._execute as layer_mod
     import sqla_cachelayer.keys as keys_mod
-    import sqla_cachelayer.layer as layer_mod
     import sqla_cachelayer.records as records_mod
 
     engine = create_engine(f"sqlite:///{path}")
