@@ -532,16 +532,22 @@ def pins_of(compiled: Any) -> dict[str, Pin]:
     return {n: p for n, p in pins.items() if names.count(n) == 1}
 
 
-def executed_values(params: Mapping[str, Any], name: str, expanding: bool) -> list[Any] | None:
-    """The value(s) of bind parameter ``name`` in a statement's executed
-    parameters (``compiled_parameters``); an expanding ``IN`` parameter ``n``
-    is executed as ``n_1``, ``n_2``, ... (all of them are collected: never
-    fewer values than the statement used). None if absent."""
+def executed_values(
+    params: Mapping[str, Any], name: str, expanding: bool, compiled: Any
+) -> list[Any] | None:
+    """The value(s) of bind parameter ``name`` of ``compiled`` in the
+    parameters it was executed with (``compiled_parameters``); None if they
+    cannot be told. An expanding ``IN`` parameter ``n`` is executed as
+    ``n_1``, ``n_2``, ...; a statement with a parameter of its own named like
+    one of those is not read (its values could not be told apart)."""
     if not expanding:
         return [params[name]] if name in params else None
+    own = set(compiled.bind_names.values())
     values: list[Any] = []
-    while f"{name}_{len(values) + 1}" in params:
-        values.append(params[f"{name}_{len(values) + 1}"])
+    while (key := f"{name}_{len(values) + 1}") in params:
+        if key in own:
+            return None
+        values.append(params[key])
     if not values and name in params:  # not expanded (an empty IN, a dialect that does not)
         found = params[name]
         return list(found) if isinstance(found, (list, tuple)) else None
@@ -576,6 +582,7 @@ def _pins_of_compiled(compiled: Any) -> dict[str, Pin]:
 
 def eager_pins(
     main: Mapping[str, Pin],
+    main_compiled: Any,
     main_params: Mapping[str, Any] | None,
     others: Iterable[tuple[Any, Mapping[str, Any] | None, frozenset[str]]],
 ) -> tuple[list[Pin], set[str]]:
@@ -598,7 +605,7 @@ def eager_pins(
         main = {}
     parents: list[tuple[Pin, list[Any]]] = []
     for pin in main.values():
-        values = executed_values(main_params or {}, pin.name, pin.expanding)
+        values = executed_values(main_params or {}, pin.name, pin.expanding, main_compiled)
         if values is not None and len(values) <= MAX_IN_VALUES:
             parents.append((pin, values))
     for compiled, params, tables in others:
@@ -608,7 +615,7 @@ def eager_pins(
             if loaded is None or params is None:
                 whole.add(table)
                 continue
-            values = executed_values(params, loaded.name, loaded.expanding)
+            values = executed_values(params, loaded.name, loaded.expanding, compiled)
             wanted = None if values is None else _normalized(loaded.kind, values)
             source = None
             if wanted is not None:

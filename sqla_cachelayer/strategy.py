@@ -158,7 +158,9 @@ class RowInvalidation(InvalidationStrategy):
             return spec_of(collector.tables, pins.values())
         # a table an eager load (or any other statement of the miss) reads is
         # pinned where the load's values are among a main pin's, else whole
-        derived, whole = eager_pins(pins, collector.main_params, collector.other_reads)
+        derived, whole = eager_pins(
+            pins, collector.main, collector.main_params, collector.other_reads
+        )
         return spec_of(
             collector.tables,
             [p for t, p in pins.items() if t not in whole]

@@ -727,3 +727,23 @@ def test_selectinload_pins_the_children_of_pinned_parents(
             assert read(Session, stmt) == read(Session, stmt.options(NoCache()))
     assert (900, 9) in _categories(Session, cat4)[0][2]
     assert (3, 333) in _categories(Session, cat4)[0][2]
+
+
+def test_executed_in_values_are_read_only_when_they_can_be_told_apart() -> None:
+    """An expanding ``IN`` parameter ``n`` runs as ``n_1``, ``n_2``...: its
+    values are read from the executed parameters unless the statement has a
+    parameter of its own with such a name (then nothing is derived from it)."""
+    from sqlalchemy import bindparam
+
+    from sqla_cachelayer.rows import executed_values
+
+    plain = select(Item.id).where(Item.id.in_(bindparam("ids", expanding=True))).compile()
+    assert executed_values({"ids_1": 1, "ids_2": 2}, "ids", True, plain) == [1, 2]
+    assert executed_values({"ids": [3, 4]}, "ids", True, plain) == [3, 4]
+    clash = (
+        select(Item.id)
+        .where(Item.id.in_(bindparam("ids", expanding=True)), Item.price == bindparam("ids_2"))
+        .compile()
+    )
+    assert executed_values({"ids_1": 1, "ids_2": 2}, "ids", True, clash) is None
+    assert executed_values({"price_1": 5}, "price_1", False, clash) == [5]
