@@ -11,6 +11,7 @@ structure; the figures compare the end with the end of the warm-up::
 
     python benchmarks/soak.py                       # the full run (a few minutes)
     python benchmarks/soak.py --queries 100000 --engines 1000   # a quick one
+    python benchmarks/soak.py --max-bytes 16MiB     # the region also bounded in bytes
 
 It prints the resident set size (``/proc/self/statm``) every tenth of the
 run; with ``--tracemalloc``, the growth of the Python heap traced between 85%
@@ -71,6 +72,7 @@ def maps(layer: scl.CacheLayer) -> dict[str, int]:
         "shapes": len(layer._shapes),
         "decoded": backend.stats()["decoded"],
         "counter_bytes": backend.stats()["counter_bytes"],
+        "counted_bytes": backend.stats()["bytes"],
         "row_buckets": len(rows._buckets),
         "row_names": len(rows._names),
     }
@@ -81,6 +83,9 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=1_000_000)
     parser.add_argument("--engines", type=int, default=10_000)
     parser.add_argument("--max-entries", type=int, default=10_000)
+    parser.add_argument(
+        "--max-bytes", help="also bound the region in bytes (e.g. 16MiB): entries, counters, memo"
+    )
     parser.add_argument("--warmup", type=float, default=0.2, help="share of the work (0-1)")
     parser.add_argument("--max-growth-mib", type=float, default=16.0)
     parser.add_argument("--tracemalloc", action="store_true")
@@ -93,9 +98,10 @@ def main() -> int:
     with Session(engine) as s:
         s.add_all([Item(id=i, name=f"item{i}") for i in range(1, 1001)])
         s.commit()
-    region = make_region().configure(
-        "sqla_cachelayer.memory", arguments={"max_entries": args.max_entries}
-    )
+    arguments: dict[str, Any] = {"max_entries": args.max_entries}
+    if args.max_bytes:
+        arguments["max_bytes"] = args.max_bytes
+    region = make_region().configure("sqla_cachelayer.memory", arguments=arguments)
     layer = scl.CacheLayer({"default": region})
     factory = layer.install(sessionmaker(engine))
     hint = scl.FromCache()
@@ -111,7 +117,10 @@ def main() -> int:
     start = time.perf_counter()
     rss_warm = heap_warm = 0.0
     print(f"SQLAlchemy {sqlalchemy.__version__}, Python {sys.version.split()[0]}")
-    print(f"queries {args.queries:,}, engines {args.engines:,}, max_entries {args.max_entries:,}")
+    print(
+        f"queries {args.queries:,}, engines {args.engines:,}, max_entries {args.max_entries:,}"
+        f", max_bytes {args.max_bytes or 'none'}"
+    )
     for step in range(steps):
         with factory() as s:
             for _ in range(per_step_q):
