@@ -751,7 +751,7 @@ def breakdown(case: Case, path: str, mode: str, reps: int) -> None:
     for name in ("_do_orm_execute", "_hint", "_try_hit", "_miss", "_store", "_snapshot_seq"):
         bd.wrap(layer, name, f"layer.{name}")
     bd.wrap(keys_mod, "structure_digest", "keys.structure_digest (first sight only)")
-    for name in ("lookup", "mutex", "write_entry", "bump", "ensure"):
+    for name in ("lookup", "settle", "mutex", "write_entry", "bump", "ensure"):
         bd.wrap(rs.store, name, f"store.{name}")
     for name in (
         "load_record",

@@ -711,12 +711,9 @@ class QueryPath:
         )
         store = rs.store
         try:
-            stamps = store.lookup(None, names).stamps
-            if None in stamps:
-                missing = [t for t, s in zip(names, stamps, strict=True) if s is None]
-                store.ensure(missing, seq_now)
-                stamps = store.lookup(None, names).stamps
-            for stamp in stamps:
+            # read after the query: a commit since the snapshot moved one;
+            # a stamp never made is made now, at the seq read before the query
+            for stamp in store.settle(names, seq_now):
                 if stamp is None or stamp > snapshot_seq:
                     # a commit the snapshot may not include touched these tables
                     self._not_stored(rs, "overtaken_by_commit", shape)

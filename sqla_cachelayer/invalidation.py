@@ -221,6 +221,15 @@ class StampStore(ABC):
     def ensure(self, tables: Sequence[str], value: int) -> None:
         """Create the missing stamps at ``value``; never overwrite one."""
 
+    def settle(self, tables: Sequence[str], value: int) -> list[int | None]:
+        """The tables' stamps after :meth:`ensure`: what a miss checks just
+        before it stores (one round trip where the backend allows it)."""
+        stamps = self.lookup(None, tables).stamps
+        if None in stamps:
+            self.ensure([t for t, s in zip(tables, stamps, strict=True) if s is None], value)
+            stamps = self.lookup(None, tables).stamps
+        return stamps
+
 
 class LocalStampStore(StampStore):
     """Counters in this process, for backends that are themselves per-process."""
@@ -278,13 +287,20 @@ class LocalStampStore(StampStore):
         return s
 
     def ensure(self, tables: Sequence[str], value: int) -> None:
+        self.settle(tables, value)
+
+    def settle(self, tables: Sequence[str], value: int) -> list[int | None]:
         keys = self.stamp_keys(tables)
+        counters = self._counters
+        get = counters.get
+        stamps: list[int | None] = [get(key) for key in keys]
+        if None not in stamps:
+            return stamps
         with self._lock:
-            counters = self._counters
-            for key in keys:
-                counters.setdefault(key, value)
+            stamps = [counters.setdefault(key, value) for key in keys]
             if len(counters) > _MAX_LOCAL_COUNTERS:
                 _drop_oldest_stamps(counters)
+        return stamps
 
 
 @at_fork_in_child
@@ -455,6 +471,16 @@ class RedisStampStore(StampStore):
             pipe.set(key, value, nx=True)
         pipe.execute()
 
+    def settle(self, tables: Sequence[str], value: int) -> list[int | None]:
+        # one round trip: SET NX leaves an existing stamp as it is; the MGET
+        # after it, on the same connection, reads what is there now
+        keys = list(self.stamp_keys(tables))
+        pipe = self._writer.pipeline(transaction=False)
+        for key in keys:
+            pipe.set(key, value, nx=True)
+        pipe.mget(keys)
+        return [_int_or_none(v) for v in pipe.execute()[-1]]
+
 
 class AsyncRedisStampStore(RedisStampStore):
     """``sqla_cachelayer.redis``: :class:`RedisStampStore` over ``redis.asyncio``
@@ -490,6 +516,14 @@ class AsyncRedisStampStore(RedisStampStore):
                 pipe.set(key, value, nx=True)
             await pipe.execute()
 
+    async def _settle(self, client: Any, keys: list[str], value: int) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(key, value, nx=True)
+            pipe.mget(keys)
+            found: list[Any] = (await pipe.execute())[-1]
+            return found
+
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
         if not in_greenlet():
             return super().lookup(entry_key, tables)
@@ -516,6 +550,12 @@ class AsyncRedisStampStore(RedisStampStore):
             super().ensure(tables, value)
             return
         await_only(self._ensure(self._async_client(), self.stamp_keys(tables), value))
+
+    def settle(self, tables: Sequence[str], value: int) -> list[int | None]:
+        if not in_greenlet():
+            return super().settle(tables, value)
+        found = await_only(self._settle(self._async_client(), list(self.stamp_keys(tables)), value))
+        return [_int_or_none(v) for v in found]
 
     def write_entry(self, key: str, payload: Any) -> None:
         if not in_greenlet():
