@@ -20,9 +20,8 @@ Concurrency (see also :mod:`sqla_cachelayer.layer`):
   :class:`~sqla_cachelayer._flight.Flights`; later misses of the key in this
   process wait for the claim to land (a thread on an event, a coroutine on a
   future of its loop), then look again. The only locks held across I/O are a
-  thread's per-key mutex (one of 1,024 striped in-process locks) and the
-  backend's distributed lock where it has one; a coroutine never blocks on
-  either;
+  backend's distributed lock where it has one (a thread waits on it, a
+  coroutine polls it) and the flight a later miss waits for;
 * a :class:`_Miss` belongs to the one thread or coroutine running it.
 """
 
@@ -538,12 +537,12 @@ class QueryPath:
             flight = flights.claim(key)
         mutex = None
         try:
-            if flight is not None and (rs.store.shared_fills or not aio):
-                # across processes, the backend's distributed mutex; for
-                # threads also the striped lock as before. A coroutine never
-                # blocks on either: it polls, sleeping on its loop, and holds
-                # no in-process lock that anything of this process waits on
-                # (every other miss here waits on the flight above)
+            if flight is not None and rs.store.shared_fills:
+                # across processes, the backend's distributed mutex (in this
+                # process, the flight excludes every other miss of the key). A
+                # coroutine never blocks on it: it polls, sleeping on its
+                # loop, and holds no in-process lock that anything of this
+                # process waits on (every other miss here waits on the flight)
                 try:
                     candidate = rs.store.mutex(key)
                     if candidate.acquire(False):

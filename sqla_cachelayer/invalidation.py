@@ -88,7 +88,6 @@ log = logging.getLogger("sqla_cachelayer")
 
 
 #: in-process single-flight locks per store (see StampStore.mutex)
-_STRIPES = 1024
 #: stamp keys are memoized for the table sets queries read, of at most this
 #: many names (an ``IN`` list pins up to 64 values)
 _MEMO_TABLES = 66
@@ -147,12 +146,6 @@ class StampStore(ABC):
         except Exception:  # a backend that cannot answer now: keep dogpile's behaviour
             probe = True
         self._distributed_mutex = probe is not None
-        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
-        renew_after_fork(self)
-
-    def _after_fork_in_child(self) -> None:
-        # a stripe held by a parent thread's miss would never be released here
-        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
     @property
     def shared_fills(self) -> bool:
@@ -196,17 +189,12 @@ class StampStore(ABC):
             self._backend.set(key, CachedValue(payload, {"ct": time.time(), "v": 2}))
 
     def mutex(self, key: str) -> Any:
-        """The per-key single-flight lock.
-
-        The backend's own where it has one (distributed: Redis with
-        ``distributed_lock``, the SQLite file); otherwise one of a fixed set of
-        in-process locks picked by the key's hash, cheaper than dogpile's
-        per-key registry. Two keys sharing a stripe only make one miss wait for
-        the other's query, after which it looks again and runs its own.
+        """The backend's per-key lock across processes, asked for only when
+        :attr:`shared_fills` (Redis with ``distributed_lock``, the SQLite
+        file). Inside one process, single flight is the layer's own
+        (:mod:`sqla_cachelayer._flight`): no further lock is needed there.
         """
-        if self._distributed_mutex:
-            return self.region._mutex(key)  # type: ignore[no-untyped-call]
-        return self._stripes[hash(key) % _STRIPES]
+        return self.region._mutex(key)  # type: ignore[no-untyped-call]
 
     # protocol ----------------------------------------------------------------
     @abstractmethod
@@ -253,9 +241,9 @@ class LocalStampStore(StampStore):
         self._lock, self._counters = found
         # dogpile.cache.memory keeps values by reference (memory_pickle does not)
         self.stores_objects = type(backend).__name__ == "MemoryBackend"
+        renew_after_fork(self)
 
     def _after_fork_in_child(self) -> None:
-        super()._after_fork_in_child()
         # the shared (lock, counters) pair was renewed by _renew_shared_locks
         found = LocalStampStore._shared.get(self.region.actual_backend)
         if found is not None:
@@ -567,7 +555,7 @@ class AsyncRedisStampStore(RedisStampStore):
         await_only(self._async_client().set(key, payload, ex=self._expire))
 
     def mutex(self, key: str) -> Any:
-        if not self._distributed_mutex or not in_greenlet():
+        if not in_greenlet():
             return super().mutex(key)
         if self._key_mangler is not None:
             key = self._key_mangler(key)
@@ -615,9 +603,9 @@ class MutexStampStore(StampStore):
     def __init__(self, region: CacheRegion, namespace: str) -> None:
         super().__init__(region, namespace)
         self._local_lock = threading.Lock()  # used when the backend has no mutex
+        renew_after_fork(self)
 
     def _after_fork_in_child(self) -> None:
-        super()._after_fork_in_child()
         self._local_lock = threading.Lock()
 
     def _read_counter(self, raw: Any) -> int | None:
