@@ -13,7 +13,11 @@ each on aiosqlite (a SQLite file) and on asyncpg (PostgreSQL); and the
 ceiling, ``free reads``: the same requests with every read costing nothing,
 which no cache can beat (with writes, the throughput the writes alone allow).
 
-Columns: the loop's longest pause seen by the ticker (a whole round of the
+Columns: requests per second, and the CPU time per request of this process
+(every thread) and of the servers started for the run (PostgreSQL's
+processes, redis-server; not servers given with ``--pg-url``/``--redis-url``),
+a figure a busy machine changes much less than the throughput; the loop's
+longest pause seen by the ticker (a whole round of the
 ready tasks) and its 99th percentile; the longest single step the loop ran
 (one task step), the longest step during which no garbage collection ran
 (the code's own), the longest collection; the longest pause during bursts of
@@ -222,6 +226,38 @@ class _StepTimer:
         gc.callbacks.remove(self._gc)
 
 
+#: the servers started for the run (PostgreSQL's postmaster, redis-server):
+#: their CPU time, and their children's, counts in the CPU per request
+SERVER_PIDS: list[int] = []
+
+
+def _servers_cpu() -> float:
+    """CPU seconds used so far by the servers in :data:`SERVER_PIDS` and their
+    live children (a PostgreSQL backend per connection), plus what their
+    reaped children used (Linux ``/proc``; 0 elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(entry.parent.name)
+        parents[pid] = int(fields[1])
+        # utime, stime, cutime, cstime
+        used[pid] = sum(int(f) for f in fields[11:15]) / ticks
+    total = 0.0
+    for pid, cpu in used.items():
+        p, depth = pid, 0
+        while p and depth < 5:
+            if p in SERVER_PIDS:
+                total += cpu
+                break
+            p, depth = parents.get(p, 0), depth + 1
+    return total
+
+
 #: cache column of the ceiling case: the same requests, reads costing nothing
 CEILING = "free reads"
 #: cache column of the case whose writes change a table no read uses: every
@@ -280,12 +316,14 @@ async def _run_case(
         gc.disable()
     collections = sum(s["collections"] for s in gc.get_stats())
     tick = asyncio.create_task(ticker())
+    cpu = time.process_time() + _servers_cpu()
     started = time.perf_counter()
     until = started + seconds
     try:
         with longest:
             await asyncio.gather(*(client(i, until) for i in range(CONCURRENCY)))
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() + _servers_cpu() - cpu
         stop = True
         await tick
     finally:
@@ -299,6 +337,10 @@ async def _run_case(
     await engine.dispose()
     return {
         "rps": done / elapsed,
+        # the CPU of this process (every thread: aiosqlite's SQLite work too)
+        # and of the servers started for the run, per request: what a busy
+        # machine changes little
+        "cpu_ms": cpu / max(1, done) * 1000,
         "gap_ms": max(gaps) * 1000,
         "step_ms": longest.worst * 1000,
         "own_cpu_ms": longest.worst_own_cpu * 1000,
@@ -327,6 +369,8 @@ def _redis(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
             return None
         server = RedisServer(binary).start()
         cleanups.append(server.cleanup)
+        if server.server is not None:
+            SERVER_PIDS.append(server.server.pid)
         return server.url
     except Exception as err:
         print(f"Redis: skipped ({err})")
@@ -341,6 +385,7 @@ def _postgres(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
 
             server, url = start_postgres()
             cleanups.append(server.stop)
+            SERVER_PIDS.append(server.pid)
         except Exception as err:
             print(f"PostgreSQL: skipped ({err})")
             return None
@@ -407,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{1 - writes:.0%} reads, {writes:.0%} writes; gc {gc_mode}")
                 print(
                     f"{'database':<10} {'cache':<10} {'req/s':>8} {'x uncached':>10} "
+                    f"{'cpu ms/req':>10} {'x':>5} "
                     f"{'max gap ms':>10} {'p99 gap ms':>10} {'step ms':>7} {'gc ms':>6} "
                     f"{'own cpu':>7} {'gc cpu':>6} {'burst ms':>8} {'hit ratio':>9} "
                     f"{'errors':>6} {'gcs':>5} {'heap k':>6}"
@@ -414,14 +460,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for db, url in databases.items():
                     base = None
-                    for name, region in caches.items():
-                        if name in (CEILING, ELSEWHERE) and not writes:
-                            continue  # nothing but free reads: no bound to show
-                        runs = [
-                            asyncio.run(_run_case(url, region, args.seconds, writes, gc_mode))
-                            for _ in range(args.repeat)
-                        ]
+                    cases = {
+                        name: region
+                        for name, region in caches.items()
+                        # nothing but free reads: no bound to show
+                        if writes or name not in (CEILING, ELSEWHERE)
+                    }
+                    # the cases take turns, so that a change of the machine's
+                    # load falls on all of them
+                    every: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+                    for _ in range(args.repeat):
+                        for name, region in cases.items():
+                            every[name].append(
+                                asyncio.run(_run_case(url, region, args.seconds, writes, gc_mode))
+                            )
+                    for name, runs in every.items():
                         rps = statistics.median(r["rps"] for r in runs)
+                        cpu = statistics.median(r["cpu_ms"] for r in runs)
                         gap = statistics.median(r["gap_ms"] for r in runs)
                         p99 = statistics.median(r["gap_p99_ms"] for r in runs)
                         step = statistics.median(r["step_ms"] for r in runs)
@@ -434,9 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                         gcs = statistics.median(r["collections"] for r in runs)
                         heap = statistics.median(r["tracked"] for r in runs) / 1000
                         if base is None:
-                            base = rps
+                            base, base_cpu = rps, cpu
                         print(
                             f"{db:<10} {name:<10} {rps:>8.0f} {rps / base:>9.2f}x "
+                            f"{cpu:>10.3f} {base_cpu / cpu:>4.2f}x "
                             f"{gap:>10.1f} {p99:>10.1f} {step:>7.1f} {gcp:>6.1f} {own:>7.1f}"
                             f" {gc_cpu:>6.1f} {burst:>8.1f} {ratio:>9.2f} {errors:>6.0f}"
                             f" {gcs:>5.0f} {heap:>6.0f}"
