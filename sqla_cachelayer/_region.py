@@ -37,6 +37,11 @@ class _RegionState:
         self.down_until = 0.0
         # highest seq this process has read: a lower bound for snapshot starts
         self.last_seen = 0
+        # CacheLayer._first_seen: a begin is reading seq for the first time
+        # (racy by design: at worst a few concurrent first begins read it too),
+        # and the monotonic time before which a failed first read is not retried
+        self.first_read = False
+        self.first_read_after = 0.0
         # entries this process has written (see CacheLayer._miss)
         self.fills = 0
         # misses in the air in this process, by key (single flight, G6)

@@ -10,7 +10,7 @@ event, in the thread that caused it, with one :class:`CacheEvent`::
     layer.add_listener(log_misses)
 
 A listener that raises is logged (logger ``sqla_cachelayer.events``) and
-counted (``listener_errors``); the query goes on and the other listeners
+counted (``listener_errors``, and ``errors``); the query goes on and the other listeners
 still get the event. Listeners run on the query's path: keep them short, and
 hand slow work to a queue of your own.
 

@@ -420,8 +420,8 @@ class CacheLayer(QueryPath):
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(event)`` for each cache event (:class:`~sqla_cachelayer.events.CacheEvent`).
 
-        A listener that raises is logged and counted (``listener_errors``),
-        never propagated. Adding the same function twice calls it twice.
+        A listener that raises is logged and counted (in ``listener_errors``
+        and ``errors``), never propagated. Adding the same function twice calls it twice.
         """
         if not callable(fn):
             raise TypeError(f"add_listener() takes a callable, got {fn!r}")
@@ -447,6 +447,8 @@ class CacheLayer(QueryPath):
         if failed:
             index = rs.index if rs is not None else self._default_index
             self._stats.incr("listener_errors", failed, index)
+            # in ``errors`` too: the one counter that says "something was caught"
+            self._stats.incr("errors", failed, index)
 
     def invalidate(self, *targets: Any, **values: Any) -> None:
         """Make every cached result that read these tables unreachable.
@@ -636,7 +638,45 @@ class CacheLayer(QueryPath):
             # anything read before now is a safe lower bound for it. Kept on
             # the transaction object itself: it lives exactly as long, and a
             # fresh session needs no ``info`` dict for it
-            root.__dict__[self._begin_key] = [rs.last_seen for rs in self._state_list]
+            begun = [rs.last_seen for rs in self._state_list]
+            if 0 in begun:
+                begun = self._first_seen(begun)
+            root.__dict__[self._begin_key] = begun
+
+    def _first_seen(self, begun: list[int]) -> list[int]:
+        """Read ``seq`` for the regions this process has never read it from.
+
+        Without it, a transaction begun before this process's first lookup
+        has no lower bound for its snapshot (0), and none of its misses may be
+        stored (a process's first session that lazy-loads a cached
+        relationship would never fill it). Read before the snapshot starts,
+        it is a valid bound; once per region and process, as ``last_seen``
+        then stays above 0. A backend error (after which no begin tries again
+        for ``breaker_reset_seconds``), or another begin reading it at the
+        same time, leaves 0: the misses of that transaction are served, not
+        stored (G5).
+        """
+        now = time.monotonic()
+        for i, rs in enumerate(self._state_list):
+            if begun[i] or rs.first_read or now < rs.first_read_after or now < rs.down_until:
+                continue  # concurrent first begins leave it to the one reading
+            rs.first_read = True
+            try:
+                seq = rs.store.lookup(None, ()).seq
+                if seq is None:
+                    seq = rs.store.bump(())  # (re)create seq; moves no stamp
+            except Exception:
+                # not counted, no breaker: this transaction may never use the
+                # cache; its queries' own backend calls will, if they fail too
+                log.debug("sqla_cachelayer: reading seq at a begin failed", exc_info=True)
+                rs.first_read_after = now + self.breaker_reset_seconds
+                continue
+            finally:
+                rs.first_read = False
+            if seq > rs.last_seen:
+                rs.last_seen = seq
+            begun[i] = seq
+        return begun
 
     # ------------------------------------------------------------------
     def __repr__(self) -> str:
