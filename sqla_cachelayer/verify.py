@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import loading as _orm_loading
 
+from ._fork import renew_after_fork
 from .records import Record, record_from_frozen
 from .rows import describe
 from .stats import verified_nines
@@ -129,6 +130,16 @@ class Verifier:
         self._failed: set[str] = set()
         self._idle = threading.Condition()
         self._pending = 0  # samples queued or being checked; guarded by _idle
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # the worker thread and what it had queued stay in the parent; a lock
+        # or condition held there at the fork would be held here forever
+        self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._queue = queue.Queue(self._queue.maxsize)
+        self._thread = None
 
     # -- request path ----------------------------------------------------
 

@@ -124,3 +124,68 @@ def test_retry_stats_usable_in_a_child_forked_while_a_thread_counts() -> None:
         done.set()
         holder.join(30)
     assert stats.snapshot()["calls"] == 1  # the child's count stayed the child's
+
+
+def _lock_holders() -> dict[str, Any]:
+    """Each remaining lock of the package's own, as ``name -> (owner, attribute)``."""
+    from sqla_cachelayer.backends.redis import RedisBackend
+    from sqla_cachelayer.metrics import opentelemetry as otel_mod
+    from sqla_cachelayer.metrics import prometheus as prom_mod
+
+    layer = scl.CacheLayer(
+        {"default": make_region().configure("dogpile.cache.memory")}, verify_sample_rate=0.5
+    )
+    backend = RedisBackend({"url": "redis://127.0.0.1:1/0"})
+    return {
+        "verifier lock": (layer._verifier, "_lock"),
+        "verifier idle condition": (layer._verifier, "_idle"),
+        "prometheus collector lock": (prom_mod._Latencies(), "_lock"),
+        "prometheus registry lock": (prom_mod, "_lock"),
+        "opentelemetry lock": (otel_mod, "_lock"),
+        "redis async client lock": (backend, "_async_lock"),
+    }
+
+
+def _acquire_in_child(owner: Any, attribute: str, out: Any) -> None:
+    lock = getattr(owner, attribute)
+    got = lock.acquire(timeout=10)
+    out.put(got)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "verifier lock",
+        "verifier idle condition",
+        "prometheus collector lock",
+        "prometheus registry lock",
+        "opentelemetry lock",
+        "redis async client lock",
+    ],
+)
+def test_locks_are_fresh_in_a_child_forked_while_a_thread_holds_them(name: str) -> None:
+    owner, attribute = _lock_holders()[name]
+    holding = threading.Event()
+    done = threading.Event()
+
+    def hold() -> None:
+        with getattr(owner, attribute):
+            holding.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_acquire_in_child, args=(owner, attribute, out))
+        child.start()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        assert out.get(timeout=5) is True, f"{name}: still held in the child"
+    finally:
+        done.set()
+        holder.join(30)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from dogpile.cache.backends.redis import RedisBackend as _DogpileRedisBackend
 
+from sqla_cachelayer._fork import renew_after_fork
 from sqla_cachelayer.exc import ConfigurationError
 
 if TYPE_CHECKING:
@@ -312,8 +313,10 @@ class RedisBackend(_DogpileRedisBackend):
             self._async_kwargs["kwargs"].get("socket_connect_timeout")
             or REDIS_TIMEOUT_DEFAULTS["socket_connect_timeout"]
         )
-        # guards _async_clients (one client per event loop)
+        # guards _async_clients (one client per event loop); renewed in a
+        # forked child, whose loops and connections are its own anyway
         self._async_lock = threading.Lock()
+        renew_after_fork(self)
         self._async_clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
         ] = weakref.WeakKeyDictionary()
@@ -371,6 +374,9 @@ class RedisBackend(_DogpileRedisBackend):
         ):
             kwargs.setdefault(name, args.get(name, default))
         return {"kwargs": kwargs, "url": None}
+
+    def _after_fork_in_child(self) -> None:
+        self._async_lock = threading.Lock()
 
     def async_client(self) -> redis.asyncio.Redis:
         """The ``redis.asyncio`` client of the running event loop (made on first use).

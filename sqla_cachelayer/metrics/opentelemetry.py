@@ -26,6 +26,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
+from .._fork import at_fork_in_child
 from ..events import CacheEvent
 from ..stats import COUNTERS
 
@@ -34,6 +35,12 @@ __all__ = ["OpenTelemetryExporter"]
 _layers: weakref.WeakSet[Any] = weakref.WeakSet()
 _instruments: dict[str, Any] = {}  # created once per process; guarded by _lock
 _lock = threading.Lock()
+
+
+@at_fork_in_child
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()
 
 
 def _observer(name: str) -> Any:

@@ -38,6 +38,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .._fork import at_fork_in_child, renew_after_fork
 from ..events import CacheEvent
 from ..stats import COUNTERS, verified_nines
 
@@ -99,6 +100,11 @@ class _Latencies:
         self._lock = threading.Lock()  # guards _shards and _retired
         self._shards: list[tuple[threading.Thread, dict[tuple[str, str], list[float]]]] = []
         self._retired: dict[tuple[str, str], list[float]] = {}
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # a scrape in progress at the fork would hold the lock here forever
+        self._lock = threading.Lock()
 
     def _shard(self) -> dict[tuple[str, str], list[float]]:
         shard: dict[tuple[str, str], list[float]] = {}
@@ -207,6 +213,12 @@ class _LayersCollector(Collector):
 
 _collectors: dict[int, tuple[CollectorRegistry, _LayersCollector]] = {}  # guarded by _lock
 _lock = threading.Lock()
+
+
+@at_fork_in_child
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()
 
 
 class PrometheusExporter:
