@@ -420,3 +420,69 @@ def test_coroutines_get_connections_in_turn(redis_db_url: str) -> None:
     asyncio.run(main())
     assert calls == [50] * 100
     assert min(when_first_done[0]) >= 45, sorted(when_first_done[0])[:10]
+
+
+def test_a_coroutine_waits_for_another_process_fill(tmp_path: Path, redis_db_url: str) -> None:
+    """A coroutine missing a key whose distributed lock another process holds
+    runs no query while the lock is held, other coroutines keep running
+    meanwhile, and once the lock is released it runs its one query."""
+    import redis
+
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    layer = _async_layer(redis_db_url, distributed_lock="true")
+    backend = layer.regions["default"].backend
+    other = redis.Redis.from_url(redis_db_url)  # the other process's client
+    statements: list[str] = []
+    ticks = 0
+
+    async def main() -> tuple[str, int, int]:
+        nonlocal ticks
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        from sqlalchemy import event
+
+        event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        async with Session() as s:  # stored: its key is now known
+            assert (await s.execute(STMT)).scalar_one() == "user1"
+        (entry,) = [k for k in other.scan_iter() if not k.startswith((b"{", b"_lock"))]
+        lock_name = backend.lock_template.format(entry.decode())
+        async with Session() as s:  # invalidated: the next read misses
+            await s.execute(update(User).where(User.id == 1).values(name="renamed"))
+            await s.commit()
+        assert other.set(lock_name, b"other-process", nx=True)
+        statements.clear()
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        async def read() -> str:
+            async with Session() as s:
+                return str((await s.execute(STMT)).scalar_one())
+
+        tick = asyncio.create_task(ticker())
+        reader = asyncio.create_task(read())
+        while ticks < 30:  # the loop runs while the reader waits for the lock
+            await asyncio.sleep(0.001)
+        assert not reader.done()
+        waited_ticks, selects_while_locked = ticks, sum("FROM users" in q for q in statements)
+        other.delete(lock_name)
+        name = await asyncio.wait_for(reader, 30)
+        stop.set()
+        await tick
+        await engine.dispose()
+        return name, waited_ticks, selects_while_locked
+
+    try:
+        name, waited_ticks, selects_while_locked = asyncio.run(main())
+    finally:
+        other.close()
+    assert name == "renamed"
+    assert waited_ticks >= 30 and selects_while_locked == 0
+    assert sum("FROM users" in q for q in statements) == 1
