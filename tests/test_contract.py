@@ -1537,17 +1537,26 @@ def test_g6_one_miss_one_query_threads(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_g6_one_miss_one_query_across_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqla_cachelayer.sqlite", "sqla_cachelayer.redis"])
+def test_g6_one_miss_one_query_across_processes(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """G6: across processes where the backend has a distributed lock (the SQLite-file
-    backend): 4 processes missing one key run one query."""
+    backend; Redis with `distributed_lock`): 4 processes missing one key run one query."""
     db = tmp_path / "app.db"
     seed(scl.engine_from_config({"sqlalchemy.url": f"sqlite:///{db}"}))
     external_write(db, "CREATE TABLE runs (n INTEGER)")
     settings = {
         "sqlalchemy.url": f"sqlite:///{db}",
-        "cachelayer.regions.default.backend": "sqla_cachelayer.sqlite",
-        "cachelayer.regions.default.arguments.path": str(tmp_path / "cache.db"),
+        "cachelayer.regions.default.backend": backend,
     }
+    if backend == "sqla_cachelayer.sqlite":
+        settings["cachelayer.regions.default.arguments.path"] = str(tmp_path / "cache.db")
+    else:
+        settings["cachelayer.regions.default.arguments.url"] = request.getfixturevalue(
+            "redis_db_url"
+        )
+        settings["cachelayer.regions.default.arguments.distributed_lock"] = "true"
     start = tmp_path / "go"
     body = f"""
         import os, sqlite3, time
@@ -2511,3 +2520,184 @@ def test_s7_cli_demo_runs(tmp_path: Path) -> None:
     done = cli("demo", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
+
+
+# ---------------------------------------------------------------------------
+# Section 9: facts a cache built on SQLAlchemy must account for
+# ---------------------------------------------------------------------------
+
+
+def test_s9_memory_backend_by_reference_does_not_leak_mutations(app: App) -> None:
+    """section 9: `dogpile.cache.memory` stores values by reference: changing an object a
+    hit returned (without committing) never changes what the next session is served."""
+    stmt = select(User).where(User.id == 1).options(scl.FromCache())
+    names(app, stmt)
+    with app.Session() as s:
+        user = s.scalars(stmt).one()
+        user.name = "mutated"
+        s.rollback()
+    with app.Session() as s:
+        user = s.scalars(stmt).one()
+        user.name = "again"
+        # no flush, no commit
+    assert names(app, stmt) == ["ann"]
+    assert app.layer.stats()["hits"] >= 2
+
+
+@pytest.mark.parametrize("mode", ["deferred", "immediate", "exclusive"])
+def test_s9_no_begin_leaks_into_the_pool(tmp_path: Path, mode: str) -> None:
+    """section 9: with BEGIN taken over, a session or connection closed without commit
+    leaves no transaction open in the pool (another writer gets the lock at once)."""
+    a = make_app(tmp_path, sqlalchemy__begin_mode=mode)
+    with a.Session() as s:
+        s.get(User, 1)
+    with a.Session() as s:
+        s.scalars(select(Item).options(scl.FromCache())).all()
+    with a.engine.connect() as conn:
+        conn.execute(select(User.__table__)).all()
+    with a.Session() as s:
+        s.add(User(id=50, name="x"))
+        s.flush()  # rolled back on close
+    raw = sqlite3.connect(a.path, isolation_level=None, timeout=0)
+    raw.execute("BEGIN IMMEDIATE")  # would fail with "database is locked" on a leak
+    raw.execute("ROLLBACK")
+    raw.close()
+    a.engine.dispose()
+
+
+def test_s9_read_modify_write_with_cache_all_loses_nothing(tmp_path: Path) -> None:
+    """section 9 (4 threads x 100 increments with `cache_all` kept 123 of 400) + G7: through
+    `run_in_transaction`, a read-modify-write unit of work on sessions that cache every
+    query loses no increment."""
+    a = make_app(tmp_path, cachelayer__cache_all="true")
+    errors: list[BaseException] = []
+
+    def bump(s: Session) -> None:
+        item = s.scalars(select(Item).where(Item.id == 1)).one()
+        item.price += 1
+
+    def worker() -> None:
+        try:
+            for _ in range(25):
+                scl.run_in_transaction(a.Session, bump)
+                with a.Session() as s:  # cached reads between units of work
+                    s.scalars(select(Item).where(Item.id == 1)).one()
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Session(a.engine) as s:
+        assert s.get(Item, 1).price == 5 + 100  # type: ignore[union-attr]
+    with a.Session() as s:
+        assert s.scalars(select(Item).where(Item.id == 1)).one().price == 105
+    a.engine.dispose()
+
+
+def test_s1_unknown_region_at_query_time_never_raises(app: App) -> None:
+    """section 1 `ConfigurationError`: never at query time: a hint naming a region the layer
+    does not have runs the query uncached."""
+    assert names(app, select(User).order_by(User.id).options(scl.FromCache("nowhere"))) == [
+        "ann",
+        "bob",
+    ]
+    assert app.layer.stats()["hits"] == 0
+
+
+def test_s1_config_error_is_raised_by_from_settings_not_install(tmp_path: Path) -> None:
+    """section 1: bad settings fail `from_settings` itself, before anything is installed."""
+    bad = {
+        "cachelayer.regions.default.backend": "sqla_cachelayer.sqlite",
+        "cachelayer.regions.default.arguments.path": str(tmp_path / "no" / "such" / "c.db"),
+    }
+    with pytest.raises(scl.ConfigurationError):
+        scl.CacheLayer.from_settings(bad)
+
+
+def test_s1_relationship_cache_signature() -> None:
+    """section 1 row `RelationshipCache(attribute, region="default", expiration_time=None,
+    cache_key=None)`."""
+    scl.RelationshipCache(Category.items)
+    scl.RelationshipCache(Category.items, "default", 60, None)
+    scl.RelationshipCache(
+        attribute=Item.category, region="default", expiration_time=None, cache_key=None
+    )
+
+
+def test_s1_cache_expiration_time_execution_option(app: App) -> None:
+    """section 1 execution option `cache_expiration_time` (seconds)."""
+    import time
+
+    stmt = (
+        select(User)
+        .where(User.id == 2)
+        .execution_options(cache_region="default", cache_expiration_time=1)
+    )
+    assert names(app, stmt) == ["bob"]
+    external_write(app.path, "UPDATE users SET name = 'later' WHERE id = 2")
+    assert names(app, stmt) == ["bob"]
+    time.sleep(1.2)
+    assert names(app, stmt) == ["later"]
+
+
+def test_s7_manual_row_invalidate_event(app: App) -> None:
+    """section 7: an `invalidate` event of the row form carries `tables`, `values` and
+    `cause="manual"`."""
+    events: list[Any] = []
+    app.layer.add_listener(events.append)
+    app.layer.invalidate(Item, category_id=3)
+    (ev,) = [e for e in events if e.kind == "invalidate"]
+    assert ev.cause == "manual" and ev.fingerprint is None
+    assert "items" in ev.tables
+    assert ev.values and "category_id" in str(ev.values) and "3" in str(ev.values)
+
+
+def test_s8_async_relationships_run_in_transaction_and_verifier(tmp_path: Path) -> None:
+    """section 8: RelationshipCache lazy loads, selectinload, `run_in_transaction` (G7) and
+    the verifier work with `AsyncSession`."""
+    path = tmp_path / "r.db"
+    seed(scl.engine_from_config({"sqlalchemy.url": f"sqlite:///{path}"}))
+    layer = scl.CacheLayer.from_settings(
+        {
+            "cachelayer.regions.default.backend": "sqla_cachelayer.memory",
+            "cachelayer.verify.sample_rate": "1",
+        }
+    )
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        factory = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        opt = scl.RelationshipCache(Category.items)
+        eager = (
+            select(Category)
+            .order_by(Category.id)
+            .options(selectinload(Category.items), scl.FromCache())
+        )
+        for _ in range(3):
+            async with factory() as s:
+                cat = (await s.scalars(select(Category).where(Category.id == 3).options(opt))).one()
+                items = await s.run_sync(lambda _s: list(cat.items))  # noqa: B023
+                assert sorted(i.name for i in items) == ["a", "b"]
+                cats = (await s.scalars(eager)).all()
+                assert [len(c.items) for c in cats] == [2, 1]
+        assert layer.stats()["hits"] >= 2
+
+        async def read(s: AsyncSession) -> int:
+            stmt = select(Item).where(Item.id == 1).options(scl.FromCache())
+            return (await s.scalars(stmt)).one().price
+
+        async with factory() as s:
+            assert await read(s) == 5  # the cached row (first miss stores it)
+        external_write(path, "UPDATE items SET price = 77 WHERE id = 1")  # unseen
+        async with factory() as s:
+            assert await read(s) == 5  # a hit
+        assert await scl.run_in_transaction(factory, read) == 77
+        await engine.dispose()
+
+    asyncio.run(main())
+    assert _wait_for(lambda: layer.stats()["verified"] >= 1)
+    assert _wait_for(lambda: layer.stats()["verified_stale"] >= 1)
