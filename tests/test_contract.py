@@ -2701,3 +2701,49 @@ def test_s8_async_relationships_run_in_transaction_and_verifier(tmp_path: Path) 
     asyncio.run(main())
     assert _wait_for(lambda: layer.stats()["verified"] >= 1)
     assert _wait_for(lambda: layer.stats()["verified_stale"] >= 1)
+
+
+@pytest.mark.parametrize("invalidation", ["row", "table"])
+def test_g1_threaded_readers_never_see_a_value_older_than_a_returned_commit(
+    tmp_path: Path, invalidation: str
+) -> None:
+    """G1 with threads: a writer commits increments; readers read through the cache. Each
+    read returns at least the value whose `commit()` had returned before the read began."""
+    a = make_app(tmp_path, cachelayer__invalidation=invalidation)
+    committed = [5]  # the price after the last commit() that returned
+    done = threading.Event()
+    violations: list[tuple[int, int]] = []
+    stmt = select(Item).where(Item.id == 1).options(scl.FromCache())
+    by_list = by_cat(3)
+
+    def writer() -> None:
+        try:
+            for _ in range(60):
+                with a.Session() as s:
+                    item = s.get(Item, 1)
+                    assert item is not None
+                    item.price += 1
+                    value = item.price
+                    s.commit()
+                committed[0] = value
+        finally:
+            done.set()
+
+    def reader() -> None:
+        while not done.is_set():
+            floor = committed[0]
+            with a.Session() as s:
+                got = s.scalars(stmt).one().price
+                listed = next(i.price for i in s.scalars(by_list) if i.id == 1)
+            if got < floor or listed < floor:
+                violations.append((floor, min(got, listed)))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert violations == []
+    assert a.layer.stats()["hits"] > 0
+    a.engine.dispose()
