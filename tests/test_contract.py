@@ -2043,6 +2043,7 @@ def test_s7_error_and_breaker_events(tmp_path: Path) -> None:
             isinstance(e.operation, str) and isinstance(e.error, BaseException) for e in errors
         )
         breakers = [e for e in events if e.kind == "breaker"]
+        assert breakers and breakers[0].state == "opened"
         assert all(e.state in ("opened", "closed") for e in breakers)
         assert a.layer.stats()["errors"] >= 1
         a.engine.dispose()
