@@ -62,14 +62,14 @@ _HITS, _MISSES, _STALE, _HIT_SECONDS, _MISS_SECONDS = range(5)
 def verified_nines(verified: int, stale: int) -> float:
     """``-log10(stale / verified)``: how many nines of fresh hits were verified.
 
-    With no stale hit found, the value is ``log10(verified)``: the nines the
-    sample would show had its next check been stale (a lower bound, so it
-    grows with the evidence instead of being infinite). ``0.0`` when nothing
-    was verified.
+    ``inf`` while no checked hit was stale (the formula's value: no stale hit
+    in ``verified`` checks); ``0.0`` when nothing was verified.
     """
     if verified <= 0:
         return 0.0
-    return -math.log10(max(stale, 1) / verified) + 0.0  # never -0.0
+    if stale <= 0:
+        return math.inf
+    return -math.log10(stale / verified) + 0.0  # never -0.0
 
 
 class _Shard:

@@ -188,7 +188,7 @@ class _LayersCollector(Collector):
             yield family
         nines = GaugeMetricFamily(
             "sqla_cachelayer_verified_nines",
-            "-log10(verified_stale / verified); log10(verified) while none was stale",
+            "-log10(verified_stale / verified); +Inf while none was stale",
             labels=["region"],
         )
         for region, counts in sorted(per_region.items()):
