@@ -529,6 +529,8 @@ def run_case(case: Case, variants: dict[str, Variant], result: Result, rounds: i
 # report
 
 TARGETS = {"a": 2.5, "a-get": 2.5, "b": 1.5, "c": 500.0}
+#: a miss at most this much slower than uncached: 25% for one row, 15% otherwise
+MISS_LIMITS = {"a": 1.25, "a-get": 1.25}
 MISS_LIMIT = 1.15
 
 
@@ -594,11 +596,13 @@ def report(
                 f"  {what:<58} {base / hit:>9.2f}x  {'>=' + format(goal, 'g') + 'x':>8}  "
                 f"{'PASS' if ok else 'FAIL'}"
             )
-            ok = miss / base <= MISS_LIMIT
+            limit = MISS_LIMITS.get(case.key, MISS_LIMIT)
+            ok = miss / base <= limit
             what = f"{case.key} miss {label}"
             verdicts.append((what, ok))
             print(
-                f"  {what:<58} {(miss / base - 1) * 100:>+9.1f}%  {'<=+15%':>8}  "
+                f"  {what:<58} {(miss / base - 1) * 100:>+9.1f}%  "
+                f"{f'<=+{round((limit - 1) * 100)}%':>8}  "
                 f"{'PASS' if ok else 'FAIL'}"
             )
     return verdicts
