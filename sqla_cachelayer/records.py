@@ -50,7 +50,7 @@ import pickle
 import sys
 import time
 import uuid
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from itertools import chain, repeat
 from operator import attrgetter, itemgetter
 from typing import Any, Final, Protocol
@@ -115,7 +115,7 @@ class Record:
         scalars_source: bool,
         rows: list[Any] | range,
         entity_positions: tuple[int, ...],
-        layouts: list[tuple[str, ...]],
+        layouts: Sequence[tuple[str, ...]],
         objects: list[tuple[Any, ...]],
         seq: int,
         tables: tuple[str, ...],
@@ -123,7 +123,7 @@ class Record:
     ) -> None:
         self._metadata: ResultMetaData | None = metadata
         self._metadata_blob: bytes | None = None
-        self._prepared: list[tuple[dict[str, Any], tuple[str, ...]]] | None = None
+        self._prepared: tuple[tuple[dict[str, Any], tuple[str, ...]], ...] | None = None
         self._result_attributes: Any = None
         self.attributes = attributes
         self.scalars_source = scalars_source
@@ -598,7 +598,9 @@ def record_from_frozen(
         bool(frozen._source_supports_scalars),
         rows,
         positions,
-        layouts,
+        # a tuple of tuples of strings: the garbage collector stops tracking
+        # it, and a cache holding many records is collected faster
+        tuple(layouts),
         objects,
         seq,
         tables,
@@ -690,7 +692,7 @@ def result_from_record(
     if attributes is None:
         # built once per record: a record kept by an in-process backend serves
         # many hits, and the ORM never mutates a result's attributes
-        attributes = record._result_attributes = util.immutabledict(record.attributes)
+        attributes = record._result_attributes = _shared_attributes(record.attributes)
     result._attributes = attributes
     result._source_supports_scalars = record.scalars_source
     if REQUIRES_UNIQUE in attributes:
@@ -725,7 +727,25 @@ def restore_unique_requirement(result: Result[Any]) -> Result[Any]:
 _unloaded: BoundedMemo[tuple[type, tuple[str, ...]], tuple[str, ...]] = BoundedMemo(5000)
 
 
-def _prepare(record: Record) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
+def _shared_attributes(attributes: dict[str, Any]) -> Any:
+    """An immutable copy of a result's attributes, one per distinct content:
+    every record of a statement has the same few flags, and one shared copy
+    is one object less per cached entry for the garbage collector to scan."""
+    try:
+        spec = tuple(attributes.items())
+        found = _attribute_sets.get(spec)
+    except TypeError:  # an unhashable value: a copy of its own
+        return util.immutabledict(attributes)
+    if found is None:
+        found = util.immutabledict(attributes)
+        _attribute_sets.put(spec, found)
+    return found
+
+
+_attribute_sets: BoundedMemo[tuple[Any, ...], Any] = BoundedMemo(1000)
+
+
+def _prepare(record: Record) -> tuple[tuple[dict[str, Any], tuple[str, ...]], ...]:
     """Per object: its column values by name, and the columns it did not load.
 
     Kept on the record, so a record reused by :func:`load_record` builds them
@@ -735,7 +755,7 @@ def _prepare(record: Record) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
     if found is None:
         layouts = record.layouts
         per_layout: dict[tuple[type, int], tuple[str, ...]] = {}
-        found = []
+        prepared = []
         for cls, _key, lid, values, _rels in record.objects:
             names = layouts[lid]
             expire = per_layout.get((cls, lid))
@@ -745,8 +765,9 @@ def _prepare(record: Record) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
                     expire = tuple(k for k in _layout(cls)[0] if k not in names)
                     _unloaded.put((cls, names), expire)
                 per_layout[(cls, lid)] = expire
-            found.append((dict(zip(names, values, strict=True)), expire))
-        record._prepared = found
+            prepared.append((dict(zip(names, values, strict=True)), expire))
+        # a tuple: with only untracked members the collector stops tracking it
+        found = record._prepared = tuple(prepared)
     return found
 
 
