@@ -55,6 +55,7 @@ from sqlalchemy.orm import (
 )
 
 import sqla_cachelayer as scl
+from sqla_cachelayer._compat import SESSION_EXECUTION_OPTIONS
 
 # ---------------------------------------------------------------------------
 # An application's models, as a user would write them
@@ -566,6 +567,9 @@ def test_s1_relationship_cache_invalidated_on_commit(app: App) -> None:
         assert sorted(i.name for i in cat.items) == ["a", "b", "new"]
 
 
+@pytest.mark.skipif(
+    not SESSION_EXECUTION_OPTIONS, reason="Session(execution_options=...) arrived in SQLAlchemy 2.1"
+)
 def test_s1_no_cache_wins_over_every_default(tmp_path: Path) -> None:
     """section 1 row `NoCache()`: wins over `cache_all` and a session-wide `cache_region`."""
     a = make_app(tmp_path, cachelayer__cache_all="true")
@@ -598,6 +602,9 @@ def test_s1_execution_options_per_statement(app: App) -> None:
     assert app.layer.stats()["hits"] == 1
 
 
+@pytest.mark.skipif(
+    not SESSION_EXECUTION_OPTIONS, reason="Session(execution_options=...) arrived in SQLAlchemy 2.1"
+)
 def test_s1_session_wide_cache_region(app: App) -> None:
     """section 1 row execution options: `sessionmaker(engine, execution_options=
     {"cache_region": "default"})` caches every query of those sessions (drop-in option)."""
@@ -1764,6 +1771,9 @@ def test_keys_mean_the_same_in_every_process(tmp_path: Path) -> None:
     engine.dispose()
 
 
+@pytest.mark.skipif(
+    not SESSION_EXECUTION_OPTIONS, reason="Session(execution_options=...) arrived in SQLAlchemy 2.1"
+)
 def test_g7_run_in_transaction_reads_the_database(tmp_path: Path) -> None:
     """G7: `run_in_transaction` reads from the database, never from the cache, whatever the
     session's defaults (`cache_all`, a session-wide `cache_region`)."""

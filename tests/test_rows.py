@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import (
     ForeignKey,
     String,
@@ -31,6 +32,9 @@ from sqlalchemy.orm import (
 
 import sqla_cachelayer as scl
 from sqla_cachelayer import NoCache
+
+#: SQLAlchemy 2.1 or later (some eager loads are only pinned there)
+_SQLALCHEMY_2_1 = tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
 
 
 class Base(DeclarativeBase):
@@ -627,7 +631,12 @@ def test_association_row_deletes_are_row_level(
         )
         s.commit()
     assert _hit(env.layer, env.Session, kw_of(3)), "user 3's keywords did not change"
-    assert _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
+    if _SQLALCHEMY_2_1:
+        # SQLAlchemy 2.1's many-to-many selectinload; 2.0's is recorded with
+        # its association table whole (one miss more here, never a stale answer)
+        assert _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
+    else:
+        keywords_of_user1(env.Session, user1)  # stored again
     assert _ids(env.Session, kw_of(2)) == [(1,), (2,)]
     assert _ids(env.Session, users_of(3)) == [(5,)]
     _ids(env.Session, kw_of(1))
@@ -645,7 +654,10 @@ def test_association_row_deletes_are_row_level(
         s.commit()
     assert _hit(env.layer, env.Session, kw_of(1)), "user 1's keywords did not change"
     assert _hit(env.layer, env.Session, users_of(1)), "keyword 1's users did not change"
-    assert _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
+    if _SQLALCHEMY_2_1:  # as above
+        assert _eager_hit(env.layer, keywords_of_user1, env.Session, user1)
+    else:
+        keywords_of_user1(env.Session, user1)  # stored again
     with env.Session() as s:  # keywords are read whole by the eager load
         s.get(Keyword, 3).word = "k3!"
         s.commit()
