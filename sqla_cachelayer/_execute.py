@@ -553,11 +553,16 @@ class QueryPath:
                             if candidate.acquire(True):
                                 mutex = candidate
                         else:
+                            limit = rs.store.mutex_wait_limit()
+                            deadline = None if limit is None else time.monotonic() + limit
                             pause = 0.001
                             while not candidate.acquire(False):
+                                if deadline is not None and time.monotonic() >= deadline:
+                                    break  # as a blocking acquire() would give up
                                 flights.pause(pause)
                                 pause = min(pause * 2, 0.05)
-                            mutex = candidate
+                            else:
+                                mutex = candidate
                 except Exception as err:
                     self._backend_error(rs, "lock", err)
                     self._bypass(rs, "backend_error", orm_context)

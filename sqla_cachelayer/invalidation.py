@@ -196,6 +196,13 @@ class StampStore(ABC):
         """
         return self.region._mutex(key)  # type: ignore[no-untyped-call]
 
+    def mutex_wait_limit(self) -> float | None:
+        """How long a miss may wait for :meth:`mutex` before it runs its query
+        without it, as a blocking ``acquire()`` of the backend's lock would
+        (seconds; ``None``: until it is free). A coroutine, which polls the
+        lock instead of blocking, keeps to the same limit."""
+        return None
+
     # protocol ----------------------------------------------------------------
     @abstractmethod
     def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
@@ -430,6 +437,15 @@ class RedisStampStore(StampStore):
         if self._key_mangler is not None:
             key = self._key_mangler(key)
         super().write_entry(key, payload)
+
+    def mutex_wait_limit(self) -> float | None:
+        # dogpile's lock_blocking / lock_blocking_timeout, as redis-py's
+        # blocking acquire() honours them
+        backend = self.region.actual_backend
+        if not getattr(backend, "lock_blocking", True):
+            return 0.0
+        limit = getattr(backend, "lock_blocking_timeout", None)
+        return None if limit is None else float(limit)
 
     def mutex(self, key: str) -> Any:
         if self._key_mangler is not None:

@@ -486,3 +486,46 @@ def test_a_coroutine_waits_for_another_process_fill(tmp_path: Path, redis_db_url
     assert name == "renamed"
     assert waited_ticks >= 30 and selects_while_locked == 0
     assert sum("FROM users" in q for q in statements) == 1
+
+
+def test_a_coroutine_waits_no_longer_than_lock_blocking_timeout(
+    tmp_path: Path, redis_db_url: str
+) -> None:
+    """With ``lock_blocking_timeout``, a coroutine whose key's distributed lock
+    another process keeps gives up waiting as a thread's blocking acquire()
+    would, and answers from the database (the lock still held)."""
+    import redis
+
+    db = tmp_path / "app.db"
+    _seed_db(db)
+    layer = _async_layer(redis_db_url, distributed_lock="true", lock_blocking_timeout="0.2")
+    backend = layer.regions["default"].backend
+    other = redis.Redis.from_url(redis_db_url)  # the other process's client
+
+    async def main() -> str:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
+        async with Session() as s:  # stored: its key is now known
+            assert (await s.execute(STMT)).scalar_one() == "user1"
+        (entry,) = [k for k in other.scan_iter() if not k.startswith((b"{", b"_lock"))]
+        lock_name = backend.lock_template.format(entry.decode())
+        async with Session() as s:  # invalidated: the next read misses
+            await s.execute(update(User).where(User.id == 1).values(name="renamed"))
+            await s.commit()
+        assert other.set(lock_name, b"other-process", nx=True)  # and never released
+
+        async def read() -> str:
+            async with Session() as s:
+                return str((await s.execute(STMT)).scalar_one())
+
+        try:
+            return await asyncio.wait_for(read(), 10)
+        finally:
+            assert other.get(lock_name) == b"other-process"
+            other.delete(lock_name)
+            await engine.dispose()
+
+    try:
+        assert asyncio.run(main()) == "renamed"
+    finally:
+        other.close()
