@@ -4,9 +4,12 @@ fresh in the child."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import queue
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +63,10 @@ def test_child_forked_during_a_slow_miss_queries_the_same_key(tmp_path: Path, ba
     miss.start()
     try:
         assert entered.wait(30), "the parent's miss never reached the database"
-        ctx = multiprocessing.get_context("fork")
-        out = ctx.Queue()
-        child = ctx.Process(target=_child, args=(factory, engine, stmt, out))
-        child.start()
-        child.join(30)
-        alive = child.is_alive()
-        if alive:
-            child.kill()
-            child.join()
+        alive, exitcode, got = _run_forked(_child, factory, engine, stmt)
         assert not alive, "the child blocked on a lock the parent's thread held at the fork"
-        assert child.exitcode == 0
-        assert out.get(timeout=5) == [(1, 1)]
+        assert exitcode == 0
+        assert got == [(1, 1)]
     finally:
         release.set()
         miss.join(30)
@@ -85,6 +80,47 @@ def _run(factory: Any, stmt: Any) -> Any:
         return s.execute(stmt).all()
 
 
+def _run_forked(target: Any, *args: Any) -> tuple[bool, int | None, Any]:
+    """Fork a child running ``target(*args, out)``: whether it was still alive
+    after 30 s (then killed), its exit code, and what it put on ``out`` (None if
+    nothing came)."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, out))
+    child.start()
+    child.join(30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+        child.join()
+    try:
+        got = out.get(timeout=5)
+    except queue.Empty:
+        got = None
+    return alive, child.exitcode, got
+
+
+@contextlib.contextmanager
+def _held_by_a_thread(lock: Any) -> Iterator[None]:
+    """While the block runs, another thread of this process holds ``lock``."""
+    holding = threading.Event()
+    done = threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        yield
+    finally:
+        done.set()
+        holder.join(30)
+
+
 def _count_in_child(stats: Any, out: Any) -> None:
     stats._add("calls")  # blocks forever if the child inherited a held lock
     out.put(stats.snapshot()["calls"])
@@ -95,34 +131,12 @@ def test_retry_stats_usable_in_a_child_forked_while_a_thread_counts() -> None:
 
     stats = RetryStats()
     stats._add("calls")
-    holding = threading.Event()
-    done = threading.Event()
-
-    def hold() -> None:
-        # a thread of the parent inside an increment at the moment of the fork
-        with stats._lock:
-            holding.set()
-            done.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(30)
-        ctx = multiprocessing.get_context("fork")
-        out = ctx.Queue()
-        child = ctx.Process(target=_count_in_child, args=(stats, out))
-        child.start()
-        child.join(30)
-        alive = child.is_alive()
-        if alive:
-            child.kill()
-            child.join()
+    # a thread of the parent inside an increment at the moment of the fork
+    with _held_by_a_thread(stats._lock):
+        alive, exitcode, got = _run_forked(_count_in_child, stats)
         assert not alive, "the child blocked on RetryStats' lock, held by a parent thread"
-        assert child.exitcode == 0
-        assert out.get(timeout=5) == 2
-    finally:
-        done.set()
-        holder.join(30)
+        assert exitcode == 0
+        assert got == 2
     assert stats.snapshot()["calls"] == 1  # the child's count stayed the child's
 
 
@@ -165,27 +179,6 @@ def _acquire_in_child(owner: Any, attribute: str, out: Any) -> None:
 )
 def test_locks_are_fresh_in_a_child_forked_while_a_thread_holds_them(name: str) -> None:
     owner, attribute = _lock_holders()[name]
-    holding = threading.Event()
-    done = threading.Event()
-
-    def hold() -> None:
-        with getattr(owner, attribute):
-            holding.set()
-            done.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(30)
-        ctx = multiprocessing.get_context("fork")
-        out = ctx.Queue()
-        child = ctx.Process(target=_acquire_in_child, args=(owner, attribute, out))
-        child.start()
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-            child.join()
-        assert out.get(timeout=5) is True, f"{name}: still held in the child"
-    finally:
-        done.set()
-        holder.join(30)
+    with _held_by_a_thread(getattr(owner, attribute)):
+        _, _, got = _run_forked(_acquire_in_child, owner, attribute)
+        assert got is True, f"{name}: still held in the child"
