@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy
+from _sqlite_locks import write_lock_free
 from sqlalchemy import Integer, create_engine, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -49,21 +50,6 @@ def make(path: Path, **settings: Any) -> Engine:
 
 def pragma(conn: Any, name: str) -> Any:
     return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
-
-
-def write_lock_free(path: Path) -> bool:
-    """True if another connection can take the write lock right now."""
-    other = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as error:
-        assert "locked" in str(error)
-        return False
-    else:
-        other.execute("ROLLBACK")
-        return True
-    finally:
-        other.close()
 
 
 # --- pragmas ---------------------------------------------------------------------------------

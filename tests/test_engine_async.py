@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _sqlite_locks import write_lock_free
 from sqlalchemy import Integer, event, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import AsyncAdaptedQueuePool
@@ -35,21 +36,6 @@ class Counter(Base):
     __tablename__ = "counter"
     id: Mapped[int] = mapped_column(primary_key=True)
     value: Mapped[int] = mapped_column(Integer)
-
-
-def write_lock_free(path: Path) -> bool:
-    """True if another connection can take the write lock right now."""
-    other = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as error:
-        assert "locked" in str(error)
-        return False
-    else:
-        other.execute("ROLLBACK")
-        return True
-    finally:
-        other.close()
 
 
 async def seeded_sqlite(path: Path, **settings: str) -> AsyncEngine:
