@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,17 @@ def _async_layer(url: str, **arguments: Any) -> scl.CacheLayer:
     for name, value in arguments.items():
         settings[f"cachelayer.regions.default.arguments.{name}"] = value
     return scl.CacheLayer.from_settings(settings)
+
+
+def _name_reader(Session: Any) -> Callable[[int], Awaitable[str]]:
+    """A coroutine function: user ``user_id``'s name, ``FromCache()``, in a session of its own."""
+
+    async def read(user_id: int) -> str:
+        stmt = select(User.name).where(User.id == user_id).options(FromCache())
+        async with Session() as s:
+            return str((await s.execute(stmt)).scalar_one())
+
+    return read
 
 
 def _seed_db(db: Path) -> None:
@@ -206,10 +217,7 @@ def test_hung_redis_never_stalls_the_loop(
         engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
         Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
 
-        async def read(user_id: int) -> str:
-            stmt = select(User.name).where(User.id == user_id).options(FromCache())
-            async with Session() as s:
-                return str((await s.execute(stmt)).scalar_one())
+        read = _name_reader(Session)
 
         for _ in range(20):  # fill: every key cached, a connection open
             for i in range(1, 6):
@@ -278,10 +286,7 @@ def test_async_connections_are_capped(
         engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
         Session = layer.install(async_sessionmaker(engine, expire_on_commit=False))
 
-        async def read(user_id: int) -> str:
-            stmt = select(User.name).where(User.id == user_id).options(FromCache())
-            async with Session() as s:
-                return str((await s.execute(stmt)).scalar_one())
+        read = _name_reader(Session)
 
         before = _connections_received(server.url)
         names: list[str] = []
