@@ -637,7 +637,7 @@ class _EngineWatch:
                 flush is None
                 or not flush.active()
                 or context.execution_options.get("compiled_cache") is None
-                or context.root_connection._is_autocommit_isolation()
+                or is_autocommit_isolation(context.root_connection)
             ):
                 if context.isinsert:
                     rows = _inserted_rows(compiled, context)
