@@ -45,8 +45,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
-from sqlalchemy.orm import loading as _orm_loading
 
+from ._compat import new_runid
 from ._fork import renew_after_fork
 from .records import Record, record_from_frozen
 from .rows import describe
@@ -320,7 +320,7 @@ class Verifier:
         """The statement's result now, from the database, recorded like an entry."""
         if getattr(item.engine.dialect, "is_async", False):
             return self._rerun_async(item)
-        marker = _orm_loading._new_runid()
+        marker = new_runid()
         # inside a collector the layer's hook leaves every query alone
         # (uncached, uncounted), whatever session class it is installed on
         with collecting(), Session(bind=item.engine) as session:
@@ -350,7 +350,7 @@ class Verifier:
             engine = AsyncEngine(copy)
             try:
                 async with AsyncSession(engine) as session:
-                    marker = _orm_loading._new_runid()
+                    marker = new_runid()
                     result = await session.execute(
                         item.statement, item.parameters, execution_options=item.options
                     )
