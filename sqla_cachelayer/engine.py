@@ -60,6 +60,7 @@ from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 
 from sqla_cachelayer._coerce import parse_bool
+from sqla_cachelayer._fork import at_fork_in_child, renew_after_fork
 from sqla_cachelayer.exc import ConfigurationError
 
 if TYPE_CHECKING:
@@ -653,6 +654,7 @@ class _WriteLockHolders:
         # transaction ends, by whichever thread ends it.
         self.gate = threading.Lock()
         self.gate_timeout = gate_timeout
+        renew_after_fork(self)
 
     def holds(self, ident: int) -> bool:
         with self.lock:
@@ -670,25 +672,10 @@ class _WriteLockHolders:
             else:
                 self.counts.pop(ident, None)
 
-    def clear(self) -> None:
-        # Called in a forked child, whose only thread holds no transaction; the
-        # inherited lock may have been held by a thread that does not exist there.
-        self.lock = threading.Lock()
-        self.counts = {}
-        self.gate = threading.Lock()
-
-
-# What a forked child must not inherit: the parent's pooled connections (a
-# connection is a socket or a SQLite handle whose locks belong to the parent),
-# and the record of which of the parent's threads hold write locks.  Both sets
-# are weak: an engine dropped by the application is dropped here too.
-_fork_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_fork_state: weakref.WeakSet[_WriteLockHolders] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for holders in list(_fork_state):
-        if holders.counts:
+    def _after_fork_in_child(self) -> None:
+        # The child's only thread holds no transaction; the inherited lock may
+        # have been held by a thread that does not exist there.
+        if self.counts:
             # SQLite records its locks per process, and fork copies the record
             # of a lock that only the parent holds: SQLite in this process will
             # see that database as locked for as long as the process lives.
@@ -697,18 +684,27 @@ def _after_fork_in_child() -> None:
                 "write lock on %s: this process cannot write that database; fork "
                 "before opening transactions (e.g. preload, then fork, then serve)",
                 os.getpid(),
-                holders.database,
+                self.database,
             )
-        holders.clear()
+        self.lock = threading.Lock()
+        self.counts = {}
+        self.gate = threading.Lock()
+
+
+# What a forked child must not inherit: the parent's pooled connections (a
+# connection is a socket or a SQLite handle whose locks belong to the parent).
+# Weak: an engine dropped by the application is dropped here too.
+_fork_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@at_fork_in_child
+def _new_pools_in_child() -> None:
     for engine in list(_fork_engines):
         # SQLAlchemy's recipe for engines that cross a fork: a new, empty pool,
         # the parent's connections left alone (closing them would send the
         # parent's server a goodbye, or roll back the parent's SQLite
         # transaction under it).
         engine.dispose(close=False)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _UPGRADE_HINT: Final = (
@@ -738,7 +734,6 @@ def _install_sqlite_hooks(engine: Engine, plan: _Plan) -> None:
         engine.url.render_as_string(hide_password=True),
         gate_timeout=int(busy_ms) / 1000 if busy_ms is not None else 5.0,
     )
-    _fork_state.add(holders)
 
     def note_released(info: dict[Any, Any]) -> None:
         for key in _TRANSACTION_KEYS:
