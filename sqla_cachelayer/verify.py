@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import queue
 import random
@@ -116,10 +115,9 @@ class Verifier:
         self.sample_rate = float(sample_rate)
         self._queue: queue.Queue[_Sample | None] = queue.Queue(queue_size)
         self._random = random.random
-        # guards _thread and _pid (taken only to start the worker)
+        # guards _thread (taken only to start the worker)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._pid = 0
         # this process's totals per region index, written by the worker only
         self._totals: dict[int, list[int]] = {}
         self._published = 0.0
@@ -180,8 +178,6 @@ class Verifier:
         except Exception:
             log.debug("sqla_cachelayer: hit not sampled", exc_info=True)
             return
-        if self._pid != os.getpid():
-            self._ensure_worker()
         with self._idle:
             self._pending += 1
         try:
@@ -192,20 +188,14 @@ class Verifier:
                 self._idle.notify_all()
             self.layer._stats.incr("verify_dropped", 1, rs.index)
             return
-        # after the put: a worker about to end for idleness sees the sample
+        # after the put: a worker about to end for idleness sees the sample (a
+        # forked child starts its own: _after_fork_in_child forgot the parent's)
         if self._thread is None:
             self._ensure_worker()
 
     def _ensure_worker(self) -> None:
         with self._lock:
-            if self._thread is None or self._pid != os.getpid():
-                # first sample, or the first in a forked child (threads do not
-                # survive fork; nor does what its parent had queued)
-                if self._pid != os.getpid() and self._pid:
-                    self._queue = queue.Queue(self._queue.maxsize)
-                    with self._idle:
-                        self._pending = 0
-                self._pid = os.getpid()
+            if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._work, name="sqla_cachelayer-verifier", daemon=True
                 )
