@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
+from _run_servers import postgres_for_run, redis_for_run
 from sqlalchemy import String, delete, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -357,39 +358,19 @@ async def _run_case(
 
 
 def _redis(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
-    url = args.redis_url or os.environ.get("SCL_TEST_REDIS_URL")
-    if url:
-        return str(url)
-    try:
-        from _servers import RedisServer, find_redis_server
-
-        binary = find_redis_server()
-        if not binary:
-            print("Redis: skipped (no redis-server binary)")
-            return None
-        server = RedisServer(binary).start()
-        cleanups.append(server.cleanup)
-        if server.server is not None:
-            SERVER_PIDS.append(server.server.pid)
-        return server.url
-    except Exception as err:
-        print(f"Redis: skipped ({err})")
-        return None
+    url, pid = redis_for_run(args.redis_url, cleanups)
+    if pid is not None:
+        SERVER_PIDS.append(pid)
+    return url
 
 
 def _postgres(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
-    url = args.pg_url or os.environ.get("SCL_TEST_PG_URL")
-    if not url:
-        try:
-            from _servers import start_postgres
-
-            server, url = start_postgres()
-            cleanups.append(server.stop)
-            SERVER_PIDS.append(server.pid)
-        except Exception as err:
-            print(f"PostgreSQL: skipped ({err})")
-            return None
-    return make_url(str(url)).set(drivername="postgresql+asyncpg").render_as_string(False)
+    url, pid = postgres_for_run(args.pg_url, cleanups)
+    if url is None:
+        return None
+    if pid is not None:
+        SERVER_PIDS.append(pid)
+    return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
+from _run_servers import postgres_for_run, redis_for_run
 from sqlalchemy import ForeignKey, String, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -190,40 +191,6 @@ def run(
     }
 
 
-def _redis(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
-    url = args.redis_url or os.environ.get("SCL_TEST_REDIS_URL")
-    if url:
-        return str(url)
-    try:
-        from _servers import RedisServer, find_redis_server
-
-        binary = find_redis_server()
-        if not binary:
-            print("Redis: skipped (no redis-server binary)")
-            return None
-        server = RedisServer(binary).start()
-        cleanups.append(server.cleanup)
-        return server.url
-    except Exception as err:
-        print(f"Redis: skipped ({err})")
-        return None
-
-
-def _postgres(args: argparse.Namespace, cleanups: list[Any]) -> str | None:
-    url = args.pg_url or os.environ.get("SCL_TEST_PG_URL")
-    if url:
-        return str(url)
-    try:
-        from _servers import start_postgres
-
-        server, url = start_postgres()
-        cleanups.append(server.stop)
-        return str(url)
-    except Exception as err:
-        print(f"PostgreSQL: skipped ({err})")
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=4)
@@ -244,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{HOT_KEYS} hot keys, fresh session per query"
     )
     try:
-        redis_url = _redis(args, cleanups)
-        pg_url = _postgres(args, cleanups)
+        redis_url, _ = redis_for_run(args.redis_url, cleanups)
+        pg_url, _ = postgres_for_run(args.pg_url, cleanups)
         n = 0
 
         def redis_cache() -> dict[str, str]:
