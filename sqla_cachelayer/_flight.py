@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 
 from sqlalchemy.util import await_only
@@ -49,23 +48,18 @@ class Flight:
 
 
 class Flights:
-    """The flights of one region in this process, by cache key."""
+    """The flights of one region in this process, by cache key (a forked
+    child's layer starts with new ones: ``CacheLayer._after_fork_in_child``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_key: dict[str, Flight] = {}
-        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def claim(self, key: str) -> Flight | None:
         """A new flight for ``key`` if none is in the air, else ``None``."""
-        if self._pid != os.getpid():
-            # a forked child: the parent's flights never land here
-            self._lock = threading.Lock()
-            self._by_key = {}
-            self._pid = os.getpid()
         with self._lock:
             if key in self._by_key:
                 return None
