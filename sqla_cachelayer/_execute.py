@@ -40,7 +40,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from . import _compat
 from . import keys as _keys
-from ._aio import sqlalchemy_asyncio
+from ._aio import pause, sqlalchemy_asyncio
 from ._region import _RegionState
 from .invalidation import ALL_TABLES, ANY_TABLE, Lookup, wall_clock_seq
 from .options import DEFAULT_REGION, FromCache, NoCache, RelationshipCache, seconds
@@ -555,12 +555,12 @@ class QueryPath:
                         else:
                             limit = rs.store.mutex_wait_limit()
                             deadline = None if limit is None else time.monotonic() + limit
-                            pause = 0.001
+                            delay = 0.001
                             while not candidate.acquire(False):
                                 if deadline is not None and time.monotonic() >= deadline:
                                     break  # as a blocking acquire() would give up
-                                flights.pause(pause)
-                                pause = min(pause * 2, 0.05)
+                                pause(delay)  # on the loop
+                                delay = min(delay * 2, 0.05)
                             else:
                                 mutex = candidate
                 except Exception as err:

@@ -124,10 +124,5 @@ class Flights:
             flight.waiters.append((loop, fut))
         await_only(fut)
 
-    @staticmethod
-    def pause(seconds: float) -> None:
-        """Sleep from the ORM's greenlet without stopping the event loop."""
-        await_only(asyncio.sleep(seconds))
-
     def __repr__(self) -> str:
         return f"<Flights in_air={len(self._by_key)}>"
