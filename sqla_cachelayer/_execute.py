@@ -567,9 +567,7 @@ class QueryPath:
                     self._backend_error(rs, "lock", err)
                     self._bypass(rs, "backend_error", orm_context)
                     return None
-            if (mutex is not None or flight is not None) and (
-                waited or rs.store.shared_fills or rs.fills != q.fills
-            ):
+            if flight is not None and (waited or rs.store.shared_fills or rs.fills != q.fills):
                 # another caller may have filled the key since our lookup (G6):
                 # certainly if we waited for it; if we got the key at once,
                 # only a fill this process counted in ``rs.fills`` since the
