@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from dogpile.cache.backends.redis import RedisBackend as _DogpileRedisBackend
 
 from sqla_cachelayer._fork import renew_after_fork
+from sqla_cachelayer.backends._args import check_known, coerce_bool, coerce_float, coerce_int
 from sqla_cachelayer.exc import ConfigurationError
 
 if TYPE_CHECKING:
@@ -278,13 +279,6 @@ class RedisBackend(_DogpileRedisBackend):
     """
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
-        from sqla_cachelayer.backends._args import (
-            check_known,
-            coerce_bool,
-            coerce_float,
-            coerce_int,
-        )
-
         check_known(
             _NAME,
             arguments,
@@ -482,8 +476,6 @@ def _async_cap(args: Mapping[str, Any], given: int | None) -> int:
         return given
     from_kwargs = (args.get("connection_kwargs") or {}).get("max_connections")
     if from_kwargs is not None:
-        from sqla_cachelayer.backends._args import coerce_int
-
         bound = coerce_int(_NAME, {"max_connections": from_kwargs}, "max_connections", None)
         assert bound is not None
         return bound
