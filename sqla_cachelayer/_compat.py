@@ -14,8 +14,9 @@ there, by name, rather than as an ``AttributeError`` at query time. All of
 them were checked on the versions in :data:`CHECKED_ON`.
 
 The ones off the hit path are reached through this module (the functions and
-aliases below). The hit path (``CacheLayer._do_orm_execute`` and the record
-materializer in :mod:`sqla_cachelayer.records`) reads its few inline: a
+aliases below). The hit path (``QueryPath._do_orm_execute`` in
+:mod:`sqla_cachelayer._execute` and the record materializer in
+:mod:`sqla_cachelayer.records`) reads its few inline: a
 function call there costs more than the read itself, on every cached query.
 """
 

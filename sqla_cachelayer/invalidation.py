@@ -458,12 +458,16 @@ class RedisStampStore(StampStore):
             if self._key_mangler is not None:
                 entry_key = self._key_mangler(entry_key)
             keys.append(entry_key)
-        values = list(self._mget(keys))
+        values = self._read(keys)
         payload = None
         if entry_key is not None:
             raw = values.pop()
             payload = raw if isinstance(raw, bytes) else None
         return Lookup(payload, _int_or_none(values[0]), [_int_or_none(v) for v in values[1:]])
+
+    def _read(self, keys: list[str]) -> list[Any]:
+        """One MGET of ``keys`` (the async store awaits it in an ``AsyncSession``)."""
+        return list(self._mget(keys))
 
     def bump(self, tables: Sequence[str]) -> int:
         keys = [self.seq_key, *self.stamp_keys(tables, keep=False)]
@@ -528,20 +532,11 @@ class AsyncRedisStampStore(RedisStampStore):
             found: list[Any] = (await pipe.execute())[-1]
             return found
 
-    def lookup(self, entry_key: str | None, tables: Sequence[str]) -> Lookup:
+    def _read(self, keys: list[str]) -> list[Any]:
         if not in_greenlet():
-            return super().lookup(entry_key, tables)
-        keys = [self.seq_key, *self.stamp_keys(tables)]
-        if entry_key is not None:
-            if self._key_mangler is not None:
-                entry_key = self._key_mangler(entry_key)
-            keys.append(entry_key)
-        values = list(await_only(self._async_client().mget(keys)))
-        payload = None
-        if entry_key is not None:
-            raw = values.pop()
-            payload = raw if isinstance(raw, bytes) else None
-        return Lookup(payload, _int_or_none(values[0]), [_int_or_none(v) for v in values[1:]])
+            return super()._read(keys)
+        found: list[Any] = await_only(self._async_client().mget(keys))
+        return found
 
     def bump(self, tables: Sequence[str]) -> int:
         if not in_greenlet():
