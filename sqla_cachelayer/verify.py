@@ -138,6 +138,13 @@ class Verifier:
         self._pending = 0
         self._queue = queue.Queue(self._queue.maxsize)
         self._thread = None
+        # the child is a process of its own: it publishes its own totals under
+        # its own token, or forked workers would overwrite each other's (and
+        # the parent's) report and count the parent's checks again
+        self._token = uuid.uuid4().hex[:12]
+        self._totals = {}
+        self._unpublished = {}
+        self._published = 0.0
 
     # -- request path ----------------------------------------------------
 

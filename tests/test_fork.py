@@ -182,3 +182,31 @@ def test_locks_are_fresh_in_a_child_forked_while_a_thread_holds_them(name: str) 
     with _held_by_a_thread(getattr(owner, attribute)):
         _, _, got = _run_forked(_acquire_in_child, owner, attribute)
         assert got is True, f"{name}: still held in the child"
+
+
+def _verifier_state(layer: Any, out: Any) -> None:
+    verifier = layer._verifier
+    out.put((verifier._token, dict(verifier._totals), dict(verifier._unpublished)))
+
+
+def test_a_forked_worker_reports_its_own_verifier_totals() -> None:
+    """Workers forked from one parent publish their verifier totals under a
+    token of their own, starting from zero: the parent's checks are the
+    parent's, and no two workers overwrite each other's report."""
+    layer = scl.CacheLayer(
+        {"default": make_region().configure("dogpile.cache.memory")}, verify_sample_rate=0.5
+    )
+    verifier = layer._verifier
+    verifier._totals[0] = [7, 1]  # checks the parent made before the fork
+    ctx = multiprocessing.get_context("fork")
+    tokens = set()
+    for _ in range(2):
+        out = ctx.Queue()
+        child = ctx.Process(target=_verifier_state, args=(layer, out))
+        child.start()
+        token, totals, unpublished = out.get(timeout=30)
+        child.join(30)
+        assert totals == {} and unpublished == {}
+        tokens.add(token)
+    assert verifier._token not in tokens and len(tokens) == 2
+    assert verifier._totals == {0: [7, 1]}
